@@ -1,0 +1,123 @@
+"""The typed configuration: every field a recipe or `--set` can touch, with its default.
+
+Recipes (YAML in `recipes/`) state only what differs from these defaults or from their parent.
+Sections a later method needs are added here as their own dataclass, never as free-form dicts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    out_dir: str = "runs"  # the run folder is out_dir/name
+    seed: int = 0
+    epochs: int = 1
+    max_steps: int = 0  # optimizer steps; > 0 overrides epochs * steps_per_epoch
+    log_every: int = 10
+    ckpt_every: int = 500  # optimizer steps between checkpoints (0 = only at the end)
+    keep_last: int = 2  # checkpoints kept in the run folder (0 = keep all)
+    auto_resume: bool = False
+    max_nonfinite: int = 20  # consecutive non-finite losses before the run stops
+    peak_tflops: float = 0.0  # per-device peak for MFU; 0 = from the device table (GPU) / not logged (CPU)
+
+
+@dataclass
+class DataConfig:
+    train: str = ""  # manifest.json, brace pattern (train-{000000..000009}.tar) or pipe: URLs
+    synthetic_dir: str = "data/synthetic"  # where the embedded default writes its shards when train is empty
+    synthetic_clips: int = 64
+    epoch_size: int = 0  # samples per epoch when `train` has no manifest
+    num_workers: int = 2
+    batch_size: int = 8  # per device, per micro-step
+    num_frames: int = 16
+    sampling_rate: int = 4  # temporal stride between sampled frames
+    size: int = 224
+    scales: list[float] = field(default_factory=lambda: [1.0, 0.875, 0.75, 0.66])  # multi-scale crop
+    short_video: str = "loop"  # clip shorter than num_frames*sampling_rate: loop | pad | skip
+    shuffle_buffer: int = 256
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    prefetch: int = 2  # batches prefetched per worker
+    pin_memory: bool = True
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vit_base_video"
+    img_size: int = 224
+    num_frames: int = 16
+    tubelet: int = 2
+    patch: int = 16
+    drop_path: float = 0.0
+    attn_backend: str = "auto"  # auto | xformers | sdpa | math
+    grad_ckpt: bool = False  # activation checkpointing per block
+    pretrained: str = ""  # local weight file (.pth/.safetensors) loaded into the encoder
+
+
+@dataclass
+class MAEConfig:
+    mask: str = "tube"  # tube | random
+    mask_ratio: float = 0.9
+    decoder_dim: int = 384
+    decoder_depth: int = 4
+    decoder_heads: int = 6
+    norm_pix_loss: bool = True  # targets: per-patch pixels normalised by the patch's mean/std
+
+
+@dataclass
+class MethodConfig:
+    name: str = "mae"
+    mae: MAEConfig = field(default_factory=MAEConfig)
+
+
+@dataclass
+class OptimConfig:
+    blr: float = 1.5e-4  # base lr; lr = blr * global_batch / 256 unless `lr` is set
+    lr: float = 0.0  # absolute lr (overrides blr scaling when > 0)
+    min_blr: float = 0.0  # final lr of the cosine, scaled like blr
+    min_lr: float = 0.0  # absolute final lr (overrides min_blr when > 0)
+    warmup_epochs: float = 40.0
+    warmup_steps: int = 0  # > 0 overrides warmup_epochs
+    weight_decay: float = 0.05
+    weight_decay_end: float = -1.0  # cosine weight-decay schedule end value; < 0 = constant
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    clip_grad: float = 0.0  # global grad-norm clip; 0 = off
+
+
+@dataclass
+class EngineConfig:
+    zero_stage: int = 1
+    precision: str = "auto"  # auto (bf16 on capable GPUs, fp32 on CPU) | bf16 | fp16 | fp32
+    grad_accum: int = 1
+    offload_optimizer: str = "none"  # none | cpu | nvme
+    offload_param: str = "none"  # none | cpu | nvme (ZeRO-3 only)
+    nvme_path: str = "/local_nvme"
+    backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
+    ds_config: str = ""  # optional DeepSpeed JSON merged under the generated one (for expert keys)
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+
+# choices that a type alone cannot express; checked before any work starts
+CHOICES = {
+    "data.short_video": ("loop", "pad", "skip"),
+    "model.attn_backend": ("auto", "xformers", "sdpa", "math"),
+    "method.name": ("mae",),
+    "method.mae.mask": ("tube", "random"),
+    "engine.zero_stage": (0, 1, 2, 3),
+    "engine.precision": ("auto", "bf16", "fp16", "fp32"),
+    "engine.offload_optimizer": ("none", "cpu", "nvme"),
+    "engine.offload_param": ("none", "cpu", "nvme"),
+    "engine.backend": ("auto", "nccl", "gloo"),
+}

@@ -1,0 +1,106 @@
+"""The engine: the only module that imports deepspeed.
+
+Wraps `deepspeed.initialize` around the method's trainable module with a torch AdamW over the method's
+parameter groups; the loop sees backward / step / save / load and nothing of DeepSpeed's API.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import deepspeed
+import torch
+
+from ..config.schema import Config
+from ..methods.base import Method
+from . import dist
+from .checkpoint import LATEST, prune, rank_state_path, read_latest, save_rank_state, write_atomic
+from .ds_config import build_ds_config, resolve_precision
+
+log = logging.getLogger(__name__)
+
+
+def init_distributed(cfg: Config) -> torch.device:
+    """Join (or create) the process group for any launch kind; returns this rank's device."""
+    kind = dist.prepare_env()
+    device = dist.device_for_local_rank()
+    deepspeed.init_distributed(dist_backend=dist.resolve_backend(cfg.engine.backend, device),
+                               auto_mpi_discovery=False, verbose=False)
+    log.debug("launch: %s, device %s", kind, device)
+    return device
+
+
+def check_ds_config(ds_config: dict, world_size: int = 1) -> None:
+    """Let DeepSpeed itself parse the config (as `initialize` would) and raise on anything it rejects."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    class _OneGroup:  # stands in for the data-parallel group so no process group is needed
+        def get_data_parallel_world_size(self):
+            return world_size
+
+        def get_model_parallel_world_size(self):
+            return 1
+
+    DeepSpeedConfig(dict(ds_config), mpu=_OneGroup())
+
+
+class Engine:
+    def __init__(self, cfg: Config, method: Method, device: torch.device):
+        self.device = device
+        self.precision = resolve_precision(cfg.engine.precision, device)
+        self.ds_config = build_ds_config(cfg, self.precision)
+        method.to(device)
+        o = cfg.optim
+        optimizer = torch.optim.AdamW(method.param_groups(o.weight_decay), lr=0.0, betas=tuple(o.betas), eps=o.eps)
+        self.ds, _, _, _ = deepspeed.initialize(model=method.trainable, optimizer=optimizer, config=self.ds_config)
+        method.bind_student(self.ds)
+        if self.precision != "fp32":  # frozen modules run in the engine's precision too
+            method.frozen.to(torch.bfloat16 if self.precision == "bf16" else torch.float16)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.ds.optimizer.param_groups
+
+    def set_schedule(self, lr: float, weight_decay: float) -> None:
+        for group in self.param_groups:
+            group["lr"] = lr
+            group["weight_decay"] = weight_decay * group.get("wd_scale", 1.0)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.ds.backward(loss)
+
+    def step(self) -> None:
+        self.ds.step()
+
+    def at_boundary(self) -> bool:
+        """True when the next step() applies the optimizer (gradient accumulation boundary)."""
+        return self.ds.is_gradient_accumulation_boundary()
+
+    def grad_norm(self) -> float | None:
+        norm = self.ds.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    # --- checkpoints ---------------------------------------------------------------------------
+    def save(self, ckpt_dir: Path, tag: str, client_state: dict, rank_state: dict, keep_last: int) -> None:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        self.ds.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+        save_rank_state(rank_state_path(ckpt_dir, tag, dist.rank()), rank_state)
+        dist.barrier()  # every rank's files are on disk before `latest` moves
+        if dist.rank() == 0:
+            write_atomic(ckpt_dir / LATEST, tag)
+            prune(ckpt_dir, keep_last, protect=tag)
+        dist.barrier()
+
+    def load(self, ckpt_dir: Path) -> tuple[dict, dict] | None:
+        """Restore the newest complete checkpoint: (client_state, this rank's state), or None if there is none."""
+        tag = read_latest(ckpt_dir) if ckpt_dir.is_dir() else None
+        if tag is None:
+            return None
+        path, client_state = self.ds.load_checkpoint(str(ckpt_dir), tag=tag)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint '{ckpt_dir / tag}'")
+        rank_file = rank_state_path(ckpt_dir, tag, dist.rank())
+        rank_state = torch.load(rank_file, weights_only=False) if rank_file.is_file() else {}
+        if not rank_state:
+            log.warning("%s is missing (different world size?): RNG and data position start afresh", rank_file)
+        return client_state or {}, rank_state

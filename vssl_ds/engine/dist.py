@@ -1,0 +1,81 @@
+"""Process-group environment and the few collectives the loop needs (torch.distributed only)."""
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prepare_env() -> str:
+    """Fill RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* for launches that do not set them; returns the launch kind.
+
+    deepspeed and torchrun set them; `srun python pretrain.py` gives SLURM_* (MASTER_ADDR/PORT must come
+    from the sbatch script); plain `python pretrain.py` is one process on this host.
+    """
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        os.environ.setdefault("LOCAL_RANK", "0")
+        return "launcher"
+    if "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        os.environ["RANK"] = os.environ["SLURM_PROCID"]
+        os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+        os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+        if "MASTER_ADDR" not in os.environ:
+            raise RuntimeError("srun launch without MASTER_ADDR: export it in the sbatch script "
+                               "(see launchers/slurm_srun.sbatch)")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        return "slurm"
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    return "single"
+
+
+def device_for_local_rank() -> torch.device:
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def resolve_backend(choice: str, device: torch.device) -> str:
+    if choice != "auto":
+        return choice
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    if dist.is_initialized() and world() > 1:
+        dist.barrier()
+
+
+def any_true(flags: list[bool], device: torch.device) -> list[bool]:
+    """Element-wise OR of boolean flags across ranks, in one small all-reduce."""
+    t = torch.tensor([float(f) for f in flags], device=device)
+    if dist.is_initialized() and world() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(x) for x in t.tolist()]
+
+
+def broadcast_object(obj, src: int = 0):
+    if not (dist.is_initialized() and world() > 1):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

@@ -1,0 +1,28 @@
+"""Methods by name. Each is a small module over the Method interface (base.py)."""
+from __future__ import annotations
+
+from ..config.schema import Config
+from .base import Method, StepOutput
+
+
+def _mae(cfg: Config) -> Method:
+    from .mae import VideoMAE
+
+    return VideoMAE(cfg)
+
+
+METHODS = {"mae": _mae}
+
+
+def build_method(cfg: Config) -> Method:
+    if cfg.method.name not in METHODS:
+        raise ValueError(f"method.name '{cfg.method.name}' is not one of: {', '.join(METHODS)}")
+    return METHODS[cfg.method.name](cfg)
+
+
+def token_grid(cfg: Config) -> tuple[int, int, int]:
+    m = cfg.model
+    return (m.num_frames // m.tubelet, m.img_size // m.patch, m.img_size // m.patch)
+
+
+__all__ = ["Method", "StepOutput", "build_method", "token_grid", "METHODS"]

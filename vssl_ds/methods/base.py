@@ -1,0 +1,66 @@
+"""The Method interface: what the training loop and the engine see of any method."""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from ..data.batch import Batch
+
+NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token", "relative_position_bias_table", "dist_token")
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor  # scalar, what backward() gets
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # every loss term, detached
+
+
+class Method(nn.Module, abc.ABC):
+    """`trainable` goes to the engine; `frozen` (teachers, tokenizers, EMA targets) stays outside it.
+
+    A method never calls backward and never samples masks or views: those travel in the Batch.
+    The loop calls `forward(batch)`; trainable compute goes through `self.student(...)`, which the
+    engine rebinds to the DeepSpeed-wrapped module (so ZeRO hooks, precision and accumulation apply).
+    """
+
+    def __init__(self, trainable: nn.Module, frozen: nn.Module | None = None):
+        super().__init__()
+        self.trainable = trainable
+        self.frozen = frozen if frozen is not None else nn.Module()
+        self._student: Callable | None = None
+        self.frozen.requires_grad_(False)
+
+    def student(self, *args, **kwargs):
+        return (self._student or self.trainable)(*args, **kwargs)
+
+    def bind_student(self, fn: Callable) -> None:
+        self._student = fn
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.frozen.eval()  # teachers never switch to train mode (dropout, BN statistics)
+        return self
+
+    @abc.abstractmethod
+    def forward(self, batch: Batch) -> StepOutput:
+        """The loss of one micro-batch, with its terms as metrics."""
+
+    def after_step(self, step: int) -> None:
+        """Called after every optimizer step (EMA / momentum updates)."""
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups: no weight decay on norms, biases, position tables and special tokens."""
+        decay, no_decay = [], []
+        for name, p in self.trainable.named_parameters():
+            if not p.requires_grad:
+                continue
+            skip = p.ndim <= 1 or name.endswith(".bias") or any(k in name for k in NO_DECAY_NAMES)
+            (no_decay if skip else decay).append(p)
+        return [
+            {"params": decay, "weight_decay": weight_decay, "wd_scale": 1.0, "name": "decay"},
+            {"params": no_decay, "weight_decay": 0.0, "wd_scale": 0.0, "name": "no_decay"},
+        ]

@@ -1,0 +1,41 @@
+"""Heads that sit on an encoder: the MAE pixel / feature decoder."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .layers import Block, resolve_backend, sincos_table
+from .vit import init_weights
+
+
+class MaskedDecoder(nn.Module):
+    """VideoMAE decoder: visible tokens + mask tokens, each with its fixed position, through `depth` blocks;
+    predicts `out_dim` values for every masked token, in the order the mask lists them."""
+
+    def __init__(self, num_patches: int, enc_dim: int, dim: int, depth: int, heads: int, out_dim: int,
+                 attn_backend: str = "auto", grad_ckpt: bool = False):
+        super().__init__()
+        self.embed = nn.Linear(enc_dim, dim, bias=False)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.register_buffer("pos_embed", sincos_table(num_patches, dim), persistent=False)
+        backend = resolve_backend(attn_backend)
+        self.blocks = nn.ModuleList(Block(dim, heads, 4.0, True, 0.0, backend) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.head = nn.Linear(dim, out_dim)
+        self.grad_ckpt = grad_ckpt
+        init_weights(self)
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+
+    def forward(self, visible: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """visible [B,Nv,E], mask [B,N] → predictions for the masked tokens [B,Nm,out_dim]."""
+        b = visible.shape[0]
+        x = self.embed(visible)  # [B,Nv,D]
+        pos = self.pos_embed.to(x.dtype).expand(b, -1, -1)  # [B,N,D]
+        pos_vis = pos[~mask].reshape(b, -1, x.shape[-1])
+        pos_mask = pos[mask].reshape(b, -1, x.shape[-1])
+        x = torch.cat([x + pos_vis, self.mask_token.to(x.dtype) + pos_mask], dim=1)  # [B,N,D]
+        for blk in self.blocks:
+            x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False) if self.grad_ckpt and self.training \
+                else blk(x)
+        num_masked = pos_mask.shape[1]
+        return self.head(self.norm(x[:, -num_masked:]))  # [B,Nm,out_dim]

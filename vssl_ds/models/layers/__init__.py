@@ -1,0 +1,6 @@
+from .attention import attention, resolve_backend
+from .block import Attention, Block
+from .patch_embed import PatchEmbed3D
+from .pos_embed import sincos_table
+
+__all__ = ["attention", "resolve_backend", "Attention", "Block", "PatchEmbed3D", "sincos_table"]

@@ -1,0 +1,92 @@
+"""Video ViT with joint space-time attention that can encode only the visible tokens (VideoMAE / MVD)."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from .layers import Block, PatchEmbed3D, resolve_backend, sincos_table
+from .registry import register_model
+
+
+def init_weights(module: nn.Module) -> None:
+    """MAE's initialisation: xavier-uniform linears, zero biases, unit LayerNorms."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class VideoViT(nn.Module):
+    def __init__(self, img_size=224, num_frames=16, tubelet=2, patch=16, in_chans=3, embed_dim=768, depth=12,
+                 num_heads=12, mlp_ratio=4.0, qkv_bias=True, drop_path=0.0, attn_backend="auto",
+                 grad_ckpt=False, pos_embed="sincos"):
+        super().__init__()
+        self.embed_dim, self.grad_ckpt = embed_dim, grad_ckpt
+        self.patch_embed = PatchEmbed3D(img_size, num_frames, tubelet, patch, in_chans, embed_dim)
+        self.grid, self.num_patches = self.patch_embed.grid, self.patch_embed.num_patches
+        self.patch_size = (tubelet, patch, patch)
+        n = self.num_patches
+        if pos_embed == "sincos":
+            self.register_buffer("pos_embed", sincos_table(n, embed_dim), persistent=False)
+        elif pos_embed == "learned":
+            self.pos_embed = nn.Parameter(torch.zeros(1, n, embed_dim))
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        else:
+            raise ValueError(f"pos_embed must be 'sincos' or 'learned', got '{pos_embed}'")
+        backend = resolve_backend(attn_backend)
+        rates = torch.linspace(0, drop_path, depth).tolist()  # stochastic depth grows with depth
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, rates[i], backend) for i in range(depth))
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        init_weights(self)
+        w = self.patch_embed.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+
+    def forward(self, video: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """video [B,C,T,H,W]; mask [B,N] bool (True = hidden) → visible tokens after the final norm [B,Nv,D]."""
+        x = self.patch_embed(video.to(self.patch_embed.proj.weight.dtype))  # [B,N,D]
+        x = x + self.pos_embed.to(x.dtype)
+        if mask is not None:
+            x = x[~mask].reshape(x.shape[0], -1, x.shape[-1])  # [B,Nv,D]; every sample hides as many tokens
+        for blk in self.blocks:
+            x = checkpoint(blk, x, use_reentrant=False) if self.grad_ckpt and self.training else blk(x)
+        return self.norm(x)
+
+
+def _video_vit(defaults: dict, kwargs: dict) -> VideoViT:
+    return VideoViT(**{**defaults, **kwargs})
+
+
+@register_model
+def vit_micro_video(**kw):  # debug size for CPU tests and the embedded default
+    return _video_vit(dict(embed_dim=64, depth=2, num_heads=2), kw)
+
+
+@register_model
+def vit_tiny_video(**kw):
+    return _video_vit(dict(embed_dim=192, depth=12, num_heads=3), kw)
+
+
+@register_model
+def vit_small_video(**kw):
+    return _video_vit(dict(embed_dim=384, depth=12, num_heads=6), kw)
+
+
+@register_model
+def vit_base_video(**kw):
+    return _video_vit(dict(embed_dim=768, depth=12, num_heads=12), kw)
+
+
+@register_model
+def vit_large_video(**kw):
+    return _video_vit(dict(embed_dim=1024, depth=24, num_heads=16), kw)
+
+
+@register_model
+def vit_huge_video(**kw):
+    return _video_vit(dict(embed_dim=1280, depth=32, num_heads=16), kw)

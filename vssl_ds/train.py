@@ -1,0 +1,269 @@
+"""The one training loop, method-agnostic: data → method → engine, with logging, checkpoints, resume."""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError, load_config, save_config, to_yaml
+from .config.schema import Config
+from .data.pipeline import OrderedLoader, VideoClips
+from .data.shards import resolve_shards, samples_per_epoch
+from .engine import dist
+from .engine.checkpoint import rng_state, set_rng_state
+from .engine.schedules import build_schedules
+from .logging import Scalars, device_peak_tflops, peak_memory_gib, setup_console
+from .methods import build_method, token_grid
+
+log = logging.getLogger("vssl_ds.train")
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="pretrain.py", description="Self-supervised video pretraining (vssl_ds).")
+    p.add_argument("--config", default="tiny_mae", help="recipe name (see --list-recipes) or path to a .yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one field, e.g. --set optim.blr=3e-4 (repeatable)")
+    p.add_argument("--auto-resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--list-recipes", action="store_true", help="list the shipped recipes and exit")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def ensure_default_data(cfg: Config) -> None:
+    """The embedded default: no data.train → write small generated shards once (rank 0), then use them."""
+    if cfg.data.train:
+        return
+    manifest = Path(cfg.data.synthetic_dir) / "manifest.json"
+    if dist.rank() == 0 and not manifest.is_file():
+        from .data.synthetic import write_synthetic_shards
+
+        log.info("data.train is empty: writing %d generated clips to %s", cfg.data.synthetic_clips, manifest.parent)
+        write_synthetic_shards(manifest.parent, clips=cfg.data.synthetic_clips, shards=8)
+    dist.barrier()
+    cfg.data.train = str(manifest)
+
+
+class StopRequest:
+    """SIGTERM / SIGUSR1 (cluster preemption): finish the current step, checkpoint, exit cleanly."""
+
+    def __init__(self):
+        self.signum = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+
+class Trainer:
+    def __init__(self, cfg: Config, device: torch.device):
+        from .engine.deepspeed import Engine
+
+        self.cfg, self.device = cfg, device
+        self.rank, self.world = dist.rank(), dist.world()
+        self.run_dir = Path(cfg.run.out_dir) / cfg.run.name
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        shards = resolve_shards(cfg.data.train)
+        d, mae = cfg.data, cfg.method.mae
+        dataset = VideoClips(shards, d, token_grid(cfg), mae.mask, mae.mask_ratio, self.rank, self.world,
+                             cfg.run.seed)
+        self.loader = OrderedLoader(dataset, d.num_workers, d.prefetch, d.pin_memory)
+
+        self.accum = cfg.engine.grad_accum
+        self.global_batch = d.batch_size * self.world * self.accum
+        self.steps_per_epoch = max(samples_per_epoch(shards, d.epoch_size) // self.global_batch, 1)
+        self.total_steps = cfg.run.max_steps or cfg.run.epochs * self.steps_per_epoch
+        self.schedules = build_schedules(cfg.optim, self.total_steps, self.steps_per_epoch, self.global_batch)
+
+        torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+        self.method = build_method(cfg)
+        self.engine = Engine(cfg, self.method, device)
+        torch.manual_seed(cfg.run.seed + 1000 * self.rank + 1)  # per-rank stream (drop path)
+
+        self.step, self.nonfinite_total, self.nonfinite_run = 0, 0, 0
+        self.scalars = Scalars(self.run_dir / "tb" if self.rank == 0 else None)
+        self.flops_per_clip = 0.0
+        self.peak_tflops = device_peak_tflops(device, cfg.run.peak_tflops)
+
+    # --- state ------------------------------------------------------------------------------------
+    def save(self) -> None:
+        tag = f"step{self.step:08d}"
+        client = {"step": self.step, "nonfinite_total": self.nonfinite_total, "config": to_yaml(self.cfg)}
+        ranks = {"rng": rng_state(), "data": self.loader.state_dict()}
+        self.engine.save(self.ckpt_dir, tag, client, ranks, self.cfg.run.keep_last)
+        log.info("checkpoint %s written to %s", tag, self.ckpt_dir / tag)
+
+    def resume(self) -> None:
+        restored = self.engine.load(self.ckpt_dir)
+        if restored is None:
+            log.info("auto-resume: no checkpoint in %s, starting from step 0", self.ckpt_dir)
+            return
+        client, ranks = restored
+        self.step, self.nonfinite_total = int(client["step"]), int(client.get("nonfinite_total", 0))
+        if "data" in ranks:
+            self.loader.load_state_dict(ranks["data"])
+        if "rng" in ranks:
+            set_rng_state(ranks["rng"])
+        log.info("resumed at step %d (epoch %d) from %s", self.step, self.loader.epoch, self.ckpt_dir)
+
+    # --- loop ---------------------------------------------------------------------------------------
+    def fit(self) -> Path:
+        cfg = self.cfg
+        if cfg.run.auto_resume:
+            self.resume()
+        stop = StopRequest()
+        log.info("training %d steps (%d/epoch), global batch %d = %d/device x %d devices x %d accumulation, "
+                 "precision %s, ZeRO-%d", self.total_steps, self.steps_per_epoch, self.global_batch,
+                 cfg.data.batch_size, self.world, self.accum, self.engine.precision, cfg.engine.zero_stage)
+        window = defaultdict(float)
+        micro, last_saved = 0, self.step
+        batches = iter(self.loader)
+        tick = time.perf_counter()
+        while self.step < self.total_steps:
+            t_fetch = time.perf_counter()
+            batch = next(batches, None)
+            window["data_time"] += time.perf_counter() - t_fetch
+            ran_out, stopping = dist.any_true([batch is None, stop.signum is not None], self.device)
+            if stopping and micro == 0:
+                log.warning("signal %s received: checkpointing at step %d and exiting", stop.signum, self.step)
+                self.save()
+                return self.run_dir
+            if ran_out:  # some rank finished its shards: everyone starts the next epoch together
+                if batch is not None:
+                    batches.close()
+                    self.loader.next_epoch()
+                log.info("epoch %d done at step %d", self.loader.epoch - 1, self.step)
+                batches = iter(self.loader)
+                continue
+            if self.flops_per_clip == 0.0 and self.peak_tflops > 0:
+                self.flops_per_clip = self._measure_flops(batch)
+            if not self._micro_step(batch, window):
+                continue
+            micro = (micro + 1) % self.accum
+            if micro:
+                continue
+            self.step += 1
+            self.method.after_step(self.step)
+            if self.step % cfg.run.log_every == 0 or self.step == self.total_steps:
+                self._log(window, time.perf_counter() - tick)
+                window, tick = defaultdict(float), time.perf_counter()
+            if cfg.run.ckpt_every and self.step % cfg.run.ckpt_every == 0:
+                self.save()
+                last_saved = self.step
+        if last_saved != self.step or not self.ckpt_dir.joinpath("latest").is_file():
+            self.save()
+        self.scalars.close()
+        return self.run_dir
+
+    def _micro_step(self, batch, window) -> bool:
+        """Forward, backward and (at the accumulation boundary) the optimizer step; False if skipped."""
+        batch = batch.to(self.device, self.cfg.data.mean, self.cfg.data.std)
+        out = self.method(batch)
+        (bad,) = dist.any_true([not bool(torch.isfinite(out.loss))], self.device)
+        if bad:
+            self.nonfinite_total += 1
+            self.nonfinite_run += 1
+            log.warning("non-finite loss at step %d (keys %s): step skipped (%d in a row)", self.step,
+                        batch.keys[:4], self.nonfinite_run)
+            if self.nonfinite_run >= self.cfg.run.max_nonfinite:
+                raise NonFiniteLoss(
+                    f"{self.nonfinite_run} non-finite losses in a row at step {self.step}: look at the learning rate "
+                    f"(optim.blr / optim.lr, warmup), engine.precision (fp16 overflows; try bf16 or fp32), "
+                    f"optim.clip_grad, and the data ('loss/*' and 'data/faults' in TensorBoard)")
+            return False
+        self.nonfinite_run = 0
+        self.engine.backward(out.loss)
+        if self.engine.at_boundary():
+            self.engine.set_schedule(float(self.schedules["lr"][self.step]), float(self.schedules["wd"][self.step]))
+        self.engine.step()
+        window["loss"] += float(out.loss.detach())
+        for name, value in out.metrics.items():
+            window[name] += float(value)
+        window["micro"] += 1
+        window["clips"] += batch.size
+        return True
+
+    def _measure_flops(self, batch) -> float:
+        """Training FLOPs per clip (forward x3), counted once on the first batch."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            self.method(batch.to(self.device, self.cfg.data.mean, self.cfg.data.std))
+        return 3.0 * counter.get_total_flops() / batch.size
+
+    def _log(self, window, seconds: float) -> None:
+        n = max(window["micro"], 1)
+        names = sorted(k for k in window if k == "loss" or k.startswith("loss/"))
+        totals = torch.tensor([window[k] / n for k in names] + [window["clips"]], device=self.device)
+        if self.world > 1:
+            torch.distributed.all_reduce(totals)
+        means = {k: float(v) / self.world for k, v in zip(names, totals[:-1])}
+        clips_per_s = float(totals[-1]) / max(seconds, 1e-9)
+        faults = self.loader.fault_counts()
+        scalars = {("train/" + k if "/" not in k else k): v for k, v in means.items()}
+        scalars.update({
+            "opt/lr": self.engine.param_groups[0]["lr"],
+            "opt/weight_decay": self.engine.param_groups[0]["weight_decay"],
+            "perf/step_time_s": seconds / max(n / self.accum, 1),
+            "perf/clips_per_s": clips_per_s,
+            "perf/data_wait_frac": window["data_time"] / max(seconds, 1e-9),
+            "perf/peak_mem_gib": peak_memory_gib(self.device),
+            "train/nonfinite_total": self.nonfinite_total,
+            "data/faults": float(sum(faults.values())),
+        })
+        grad_norm = self.engine.grad_norm()
+        if grad_norm is not None:
+            scalars["opt/grad_norm"] = grad_norm
+        if self.flops_per_clip and self.peak_tflops:
+            scalars["perf/mfu"] = self.flops_per_clip * clips_per_s / (self.world * self.peak_tflops * 1e12)
+        self.scalars.add(scalars, self.step)
+        terms = " ".join(f"{k}={v:.4f}" for k, v in means.items())
+        log.info("step %d/%d epoch %d %s lr=%.2e %.1f clips/s data-wait %.0f%% mem %.2f GiB", self.step,
+                 self.total_steps, self.loader.epoch, terms, scalars["opt/lr"], clips_per_s,
+                 100 * scalars["perf/data_wait_frac"], scalars["perf/peak_mem_gib"])
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.list_recipes:
+        from .config import list_recipes
+
+        print("\n".join(list_recipes()))
+        return 0
+    try:
+        cfg = load_config(args.config, args.set)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    cfg.run.auto_resume = cfg.run.auto_resume or args.auto_resume
+    if args.print_config:
+        print(to_yaml(cfg))
+        return 0
+    from .engine.deepspeed import init_distributed
+
+    device = init_distributed(cfg)
+    setup_console(dist.rank())
+    ensure_default_data(cfg)
+    run_dir = Path(cfg.run.out_dir) / cfg.run.name
+    if dist.rank() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    trainer = Trainer(cfg, device)
+    run_dir = trainer.fit()
+    if dist.rank() == 0:
+        print(f"\ndone: {trainer.step} steps\n  config:      {run_dir / 'config.yaml'}\n"
+              f"  tensorboard: tensorboard --logdir {run_dir / 'tb'}\n  checkpoint:  {trainer.ckpt_dir}")
+    dist.barrier()
+    return 0
