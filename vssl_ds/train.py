@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import logging
 import signal
 import sys
@@ -161,10 +163,30 @@ class Trainer:
             if cfg.run.ckpt_every and self.step % cfg.run.ckpt_every == 0:
                 self.save()
                 last_saved = self.step
+            if cfg.run.stop_at and self.step >= cfg.run.stop_at:
+                log.info("run.stop_at=%d reached: leaving; --auto-resume continues the run", cfg.run.stop_at)
+                break
         if last_saved != self.step or not self.ckpt_dir.joinpath("latest").is_file():
             self.save()
+        self.export_final()
         self.scalars.close()
         return self.run_dir
+
+    def export_final(self) -> None:
+        """Write the trained weights and check that every rank ends with the same parameters."""
+        state = self.engine.full_state_dict()
+        digest = hashlib.sha256()
+        for name in sorted(state):
+            digest.update(name.encode())
+            digest.update(state[name].numpy().tobytes())
+        digests = dist.all_gather_object(digest.hexdigest())
+        if self.rank == 0:
+            torch.save(state, self.run_dir / "final_model.pt")
+            (self.run_dir / "final_digests.json").write_text(json.dumps({"step": self.step, "ranks": digests}))
+        if len(set(digests)) > 1:
+            log.error("parameters differ across ranks at the end of training: %s", digests)
+        else:
+            log.info("final weights (%s) identical on all %d ranks", self.run_dir / "final_model.pt", self.world)
 
     def _micro_step(self, batch, window) -> bool:
         """Forward, backward and (at the accumulation boundary) the optimizer step; False if skipped."""

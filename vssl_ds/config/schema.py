@@ -15,6 +15,7 @@ class RunConfig:
     seed: int = 0
     epochs: int = 1
     max_steps: int = 0  # optimizer steps; > 0 overrides epochs * steps_per_epoch
+    stop_at: int = 0  # leave (with a checkpoint) after this step, keeping the full run's schedules (job time slices)
     log_every: int = 10
     ckpt_every: int = 500  # optimizer steps between checkpoints (0 = only at the end)
     keep_last: int = 2  # checkpoints kept in the run folder (0 = keep all)

@@ -1,4 +1,5 @@
-"""Video decoding from in-memory bytes (shard members). decord is the default backend."""
+"""Video decoding from in-memory bytes (shard members). decord is the default; PyAV is the fallback
+for the clips decord cannot read (it fails on some frame widths, e.g. 48 px) and an option of its own."""
 from __future__ import annotations
 
 import io
@@ -6,22 +7,66 @@ from typing import Callable
 
 import numpy as np
 
+Pick = Callable[[int], np.ndarray]  # number of frames in the video → frame indices to decode
+
 
 class DecodeError(Exception):
     """The bytes are not a decodable video (corrupt, truncated, unknown codec)."""
 
 
-def decode_decord(data: bytes, pick: Callable[[int], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Decode the frames `pick(num_frames)` chooses.  → (indices [T], frames [T,H,W,C] uint8)"""
+def decode_decord(data: bytes, pick: Pick) -> tuple[np.ndarray, np.ndarray]:
+    """→ (indices [T], frames [T,H,W,C] uint8)"""
     import decord
 
     try:
         reader = decord.VideoReader(io.BytesIO(data), num_threads=1)
         indices = np.asarray(pick(len(reader)), dtype=np.int64)
         frames = reader.get_batch(indices.tolist()).asnumpy()
-    except decord.DECORDError as e:
-        raise DecodeError(str(e).splitlines()[0]) from None
+    except (decord.DECORDError, RuntimeError) as e:  # decord reports bad input as RuntimeError too
+        raise DecodeError(f"decord: {str(e).splitlines()[0][:200]}") from None
     return indices, frames
 
 
-DECODERS = {"decord": decode_decord}
+def decode_pyav(data: bytes, pick: Pick) -> tuple[np.ndarray, np.ndarray]:
+    """Sequential decode up to the last wanted frame. → (indices [T], frames [T,H,W,C] uint8)"""
+    import av
+
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            stream = container.streams.video[0]
+            count = stream.frames
+            if count <= 0:  # no frame count in the header: decode everything once
+                frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+                indices = np.asarray(pick(len(frames)), dtype=np.int64)
+                return indices, np.stack([frames[i] for i in indices]) if frames else _empty()
+            indices = np.asarray(pick(count), dtype=np.int64)
+            wanted, last, kept = set(indices.tolist()), int(indices.max()), {}
+            for i, frame in enumerate(container.decode(stream)):
+                if i in wanted:
+                    kept[i] = frame.to_ndarray(format="rgb24")
+                if i >= last:
+                    break
+    except (av.error.FFmpegError, IndexError, ValueError) as e:
+        raise DecodeError(f"pyav: {e}") from None
+    missing = wanted - kept.keys()
+    if missing:  # header over-counted (truncated file): treat like a corrupt clip
+        raise DecodeError(f"pyav: frames {sorted(missing)[:4]} missing of {count} announced")
+    return indices, np.stack([kept[i] for i in indices])
+
+
+def _empty():
+    raise DecodeError("no decodable video frames")
+
+
+DECODERS = {"decord": decode_decord, "pyav": decode_pyav}
+
+
+def decode(data: bytes, pick: Pick, order=("decord", "pyav")) -> tuple[np.ndarray, np.ndarray, str]:
+    """Try the decoders in order; → (indices, frames, name of the decoder that succeeded)."""
+    errors = []
+    for name in order:
+        try:
+            return (*DECODERS[name](data, pick), name)
+        except DecodeError as e:
+            errors.append(str(e))
+    raise DecodeError("; ".join(errors))

@@ -22,7 +22,7 @@ from webdataset.tariterators import tarfile_samples
 
 from ..config.schema import DataConfig
 from .batch import Batch
-from .decode import DECODERS, DecodeError
+from .decode import DecodeError, decode
 from .masking import MASKS
 from .sampling import ShortVideo, strided_clip
 from .shards import Shard, epoch_order, split
@@ -40,10 +40,10 @@ class VideoClips(IterableDataset):
     """
 
     def __init__(self, shards: list[Shard], cfg: DataConfig, token_grid, mask_kind: str, mask_ratio: float,
-                 rank: int = 0, world: int = 1, seed: int = 0, decoder: str = "decord"):
+                 rank: int = 0, world: int = 1, seed: int = 0, decoders=("decord", "pyav")):
         self.shards, self.cfg, self.grid = shards, cfg, tuple(token_grid)
         self.mask_kind, self.mask_ratio = mask_kind, mask_ratio
-        self.rank, self.world, self.seed, self.decode = rank, world, seed, DECODERS[decoder]
+        self.rank, self.world, self.seed, self.decoders = rank, world, seed, tuple(decoders)
         self.epoch, self.start = 0, {}
 
     def set_epoch(self, epoch: int, start: dict[int, int] | None = None) -> None:
@@ -68,7 +68,8 @@ class VideoClips(IterableDataset):
             return None
         c = self.cfg
         try:
-            _, frames = self.decode(video, lambda n: strided_clip(n, c.num_frames, c.sampling_rate, rng, c.short_video))
+            pick = lambda n: strided_clip(n, c.num_frames, c.sampling_rate, rng, c.short_video)  # noqa: E731
+            _, frames, used = decode(video, pick, self.decoders)
         except DecodeError as e:
             faults["corrupt"] += 1
             log.warning("corrupt clip %s in %s skipped: %s", key, raw.get("__url__"), e)
@@ -77,6 +78,8 @@ class VideoClips(IterableDataset):
             faults["short"] += 1
             log.info("short clip %s in %s skipped: %s", key, raw.get("__url__"), e)
             return None
+        if used != self.decoders[0]:
+            faults["decoder_fallback"] += 1
         frames = torch.from_numpy(frames)  # [T,H,W,C] uint8
         view = multi_scale_crop_params(frames.shape[1], frames.shape[2], c.size, c.scales, rng)
         clip = apply_view(frames, view)

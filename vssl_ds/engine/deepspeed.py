@@ -80,6 +80,13 @@ class Engine:
         norm = self.ds.get_global_grad_norm()
         return None if norm is None else float(norm)
 
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trainable module's full weights on every rank (gathered from ZeRO-3 partitions), fp32, CPU."""
+        module = self.ds.module
+        stage3 = self.ds.zero_optimization_stage() == 3
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None, enabled=stage3):
+            return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+
     # --- checkpoints ---------------------------------------------------------------------------
     def save(self, ckpt_dir: Path, tag: str, client_state: dict, rank_state: dict, keep_last: int) -> None:
         ckpt_dir.mkdir(parents=True, exist_ok=True)

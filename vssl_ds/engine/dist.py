@@ -73,9 +73,9 @@ def any_true(flags: list[bool], device: torch.device) -> list[bool]:
     return [bool(x) for x in t.tolist()]
 
 
-def broadcast_object(obj, src: int = 0):
+def all_gather_object(obj) -> list:
     if not (dist.is_initialized() and world() > 1):
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
+        return [obj]
+    out = [None] * world()
+    dist.all_gather_object(out, obj)
+    return out

@@ -1,0 +1,54 @@
+"""Shared fixtures: shards written inside the tests, and a runner for real multi-rank DeepSpeed jobs."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# the tiny MAE every multi-process test runs: 8 frames of 32², 2x8x8 tubelets → 64 tokens
+TINY = [
+    "model.name=vit_micro_video", "model.img_size=32", "model.num_frames=8", "model.patch=8",
+    "data.num_frames=8", "data.sampling_rate=2", "data.size=32", "data.batch_size=2", "data.num_workers=2",
+    "method.mae.decoder_dim=32", "method.mae.decoder_depth=1", "method.mae.decoder_heads=2",
+    "optim.lr=2e-3", "optim.warmup_steps=2", "run.log_every=2", "run.ckpt_every=0",
+]
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory) -> Path:
+    """8 shards x 4 generated clips (real H.264 mp4 in WebDataset tars) and their manifest."""
+    from vssl_ds.data.synthetic import write_synthetic_shards
+
+    return write_synthetic_shards(tmp_path_factory.mktemp("shards"), clips=32, shards=8, frames=24, size=48)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args: list[str], ranks: int = 2, timeout: int = 300, check: bool = True, **popen) -> subprocess.CompletedProcess:
+    """`deepspeed --num_gpus N pretrain.py ARGS` on CPU (gloo), exactly as a user runs it."""
+    runner = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
+    cmd = [runner, "--num_gpus", str(ranks), "--master_port", str(free_port()), str(ROOT / "pretrain.py"), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, **popen)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def overrides(*items: str) -> list[str]:
+    out = []
+    for item in items:
+        out += ["--set", item]
+    return out

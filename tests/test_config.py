@@ -1,0 +1,54 @@
+import pytest
+
+from vssl_ds.config import ConfigError, list_recipes, load_config
+from vssl_ds.train import main
+
+
+def test_every_recipe_loads():
+    names = list_recipes()
+    assert {"tiny_mae", "videomae_vit_b"} <= set(names)
+    for name in names:
+        load_config(name)
+
+
+def test_recipe_inherits_and_overrides_win():
+    cfg = load_config("tiny_mae", ["optim.blr=3e-4", "data.scales=[1.0,0.5]"])
+    assert cfg.method.mae.mask_ratio == 0.9  # from the parent videomae_vit_b
+    assert cfg.model.name == "vit_micro_video"  # the child's own value
+    assert cfg.optim.blr == pytest.approx(3e-4) and cfg.data.scales == [1.0, 0.5]
+
+
+@pytest.mark.parametrize("override, expect", [
+    ("optim.lrr=1", "unknown key 'optim.lrr'; did you mean 'optim.lr'?"),
+    ("model.pach=8", "unknown key 'model.pach'; did you mean 'model.patch'?"),
+    ("engine.zero=2", "did you mean 'engine.zero_stage'?"),
+    ("data.batch_size=abc", "bad value for 'data.batch_size'"),
+    ("engine.zero_stage=5", "'engine.zero_stage' is 5; choose one of 0, 1, 2, 3"),
+    ("run.max_steps", "must look like section.key=value"),
+])
+def test_bad_overrides_fail_with_the_key_named(override, expect):
+    with pytest.raises(ConfigError, match=expect.replace("?", r"\?").replace("(", r"\(")):
+        load_config("tiny_mae", [override])
+
+
+def test_unknown_key_in_a_recipe_file(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("inherit: tiny_mae\nmethod:\n  mae:\n    mask_ration: 0.5\n")
+    with pytest.raises(ConfigError, match=r"mine.yaml: unknown key 'method.mae.mask_ration'; did you mean 'method.mae.mask_ratio'"):
+        load_config(str(path))
+
+
+def test_unknown_recipe_suggests(tmp_path):
+    with pytest.raises(ConfigError, match="did you mean 'tiny_mae'"):
+        load_config("tiny_mea")
+
+
+def test_cli_reports_config_errors_before_any_work(capsys):
+    assert main(["--config", "tiny_mae", "--set", "optim.wd=0.1"]) == 2
+    assert "unknown key 'optim.wd'" in capsys.readouterr().err
+
+
+def test_print_config_shows_resolved_values(capsys):
+    assert main(["--config", "tiny_mae", "--set", "run.name=x", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "name: x" in out and "mask_ratio: 0.9" in out

@@ -1,0 +1,1 @@
+"""Implementations of the command-line tools (`tools/*.py` and the `vssl-*` console scripts)."""
