@@ -128,45 +128,14 @@ class Trainer:
         log.info("training %d steps (%d/epoch), global batch %d = %d/device x %d devices x %d accumulation, "
                  "precision %s, ZeRO-%d", self.total_steps, self.steps_per_epoch, self.global_batch,
                  cfg.data.batch_size, self.world, self.accum, self.engine.precision, cfg.engine.zero_stage)
-        window = defaultdict(float)
-        micro, last_saved = 0, self.step
-        batches = iter(self.loader)
-        tick = time.perf_counter()
-        while self.step < self.total_steps:
-            t_fetch = time.perf_counter()
-            batch = next(batches, None)
-            window["data_time"] += time.perf_counter() - t_fetch
-            ran_out, stopping = dist.any_true([batch is None, stop.signum is not None], self.device)
-            if stopping and micro == 0:
-                log.warning("signal %s received: checkpointing at step %d and exiting", stop.signum, self.step)
-                self.save()
-                return self.run_dir
-            if ran_out:  # some rank finished its shards: everyone starts the next epoch together
-                if batch is not None:
-                    batches.close()
-                    self.loader.next_epoch()
-                log.info("epoch %d done at step %d", self.loader.epoch - 1, self.step)
-                batches = iter(self.loader)
-                continue
-            if self.flops_per_clip == 0.0 and self.peak_tflops > 0:
-                self.flops_per_clip = self._measure_flops(batch)
-            if not self._micro_step(batch, window):
-                continue
-            micro = (micro + 1) % self.accum
-            if micro:
-                continue
-            self.step += 1
-            self.method.after_step(self.step)
-            if self.step % cfg.run.log_every == 0 or self.step == self.total_steps:
-                self._log(window, time.perf_counter() - tick)
-                window, tick = defaultdict(float), time.perf_counter()
-            if cfg.run.ckpt_every and self.step % cfg.run.ckpt_every == 0:
-                self.save()
-                last_saved = self.step
-            if cfg.run.stop_at and self.step >= cfg.run.stop_at:
-                log.info("run.stop_at=%d reached: leaving; --auto-resume continues the run", cfg.run.stop_at)
-                break
-        if last_saved != self.step or not self.ckpt_dir.joinpath("latest").is_file():
+        self._batches = iter(self.loader)
+        try:
+            saved, preempted = self._loop(stop)
+        finally:  # shut the data workers down while the interpreter is whole (else exit can hang)
+            self._batches.close()
+        if preempted:
+            return self.run_dir
+        if saved != self.step or not self.ckpt_dir.joinpath("latest").is_file():
             self.save()
         self.export_final()
         self.scalars.close()
@@ -187,6 +156,48 @@ class Trainer:
             log.error("parameters differ across ranks at the end of training: %s", digests)
         else:
             log.info("final weights (%s) identical on all %d ranks", self.run_dir / "final_model.pt", self.world)
+
+    def _loop(self, stop: StopRequest) -> tuple[int, bool]:
+        """Micro-steps until the end (or stop_at / a stop signal); → (last step saved, preempted)."""
+        cfg = self.cfg
+        window = defaultdict(float)
+        micro, last_saved = 0, self.step
+        tick = time.perf_counter()
+        while self.step < self.total_steps:
+            t_fetch = time.perf_counter()
+            batch = next(self._batches, None)
+            window["data_time"] += time.perf_counter() - t_fetch
+            ran_out, stopping = dist.any_true([batch is None, stop.signum is not None], self.device)
+            if stopping and micro == 0:
+                log.warning("signal %s received: checkpointing at step %d and exiting", stop.signum, self.step)
+                self.save()
+                return self.step, True
+            if ran_out:  # some rank finished its shards: everyone starts the next epoch together
+                if batch is not None:
+                    self._batches.close()
+                    self.loader.next_epoch()
+                log.info("epoch %d done at step %d", self.loader.epoch - 1, self.step)
+                self._batches = iter(self.loader)
+                continue
+            if self.flops_per_clip == 0.0 and self.peak_tflops > 0:
+                self.flops_per_clip = self._measure_flops(batch)
+            if not self._micro_step(batch, window):
+                continue
+            micro = (micro + 1) % self.accum
+            if micro:
+                continue
+            self.step += 1
+            self.method.after_step(self.step)
+            if self.step % cfg.run.log_every == 0 or self.step == self.total_steps:
+                self._log(window, time.perf_counter() - tick)
+                window, tick = defaultdict(float), time.perf_counter()
+            if cfg.run.ckpt_every and self.step % cfg.run.ckpt_every == 0:
+                self.save()
+                last_saved = self.step
+            if cfg.run.stop_at and self.step >= cfg.run.stop_at:
+                log.info("run.stop_at=%d reached: leaving; --auto-resume continues the run", cfg.run.stop_at)
+                break
+        return last_saved, False
 
     def _micro_step(self, batch, window) -> bool:
         """Forward, backward and (at the accumulation boundary) the optimizer step; False if skipped."""
@@ -283,7 +294,11 @@ def main(argv=None) -> int:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
     trainer = Trainer(cfg, device)
-    run_dir = trainer.fit()
+    try:
+        run_dir = trainer.fit()
+    except NonFiniteLoss as e:  # every rank agreed on it (the check is all-reduced): stop cleanly
+        log.error("%s", e)
+        return 3
     if dist.rank() == 0:
         print(f"\ndone: {trainer.step} steps\n  config:      {run_dir / 'config.yaml'}\n"
               f"  tensorboard: tensorboard --logdir {run_dir / 'tb'}\n  checkpoint:  {trainer.ckpt_dir}")
