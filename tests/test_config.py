@@ -14,7 +14,7 @@ def test_every_recipe_loads():
 def test_recipe_inherits_and_overrides_win():
     cfg = load_config("tiny_mae", ["optim.blr=3e-4", "data.scales=[1.0,0.5]"])
     assert cfg.method.mae.mask_ratio == 0.9  # from the parent videomae_vit_b
-    assert cfg.model.name == "vit_micro_video"  # the child's own value
+    assert cfg.model.name == "vit_tiny_video"  # the child's own value
     assert cfg.optim.blr == pytest.approx(3e-4) and cfg.data.scales == [1.0, 0.5]
 
 
