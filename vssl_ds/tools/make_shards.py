@@ -1,0 +1,193 @@
+"""Videos or images (folder tree or CSV) → WebDataset tar shards + manifest.json + failures.jsonl.
+
+    vssl-make-shards /data/k400/train  /shards/k400 --prefix train --short-side 320 --fps 30 --workers 16
+    vssl-make-shards train.csv         /shards/k400 --copy
+    vssl-make-shards /data/imagenet/train /shards/in1k --kind image --prefix in1k
+
+Items are processed in a fixed order (pool workers encode, the main process writes), so the shards are
+the same however many workers run. Resumable: every finished shard is recorded in OUT/progress.jsonl; a
+rerun with the same inputs and options keeps those shards and continues after them. An input that cannot
+be read is listed in failures.jsonl and never stops the job.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import multiprocessing as mp
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ..data.encode import EncodeOptions, SourceError, make_sample
+from ..data.sources import Item, from_csv, from_folder, kind_of
+
+PROGRESS, MANIFEST, FAILURES = "progress.jsonl", "manifest.json", "failures.jsonl"
+
+
+def parse_size(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    t = text.strip().lower().rstrip("b")
+    try:
+        return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"--shard-size: '{text}' is not a size like 512MB, 1GB, 300000") from None
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="vssl-make-shards", description=__doc__.split("\n\n")[0])
+    p.add_argument("src", help="a folder (one class per subfolder) or a CSV: path,label[,start,end]")
+    p.add_argument("out", help="output folder for the shards, manifest.json and failures.jsonl")
+    p.add_argument("--kind", choices=["auto", "video", "image"], default="auto")
+    p.add_argument("--root", help="CSV only: folder that relative paths are relative to (default: the CSV's)")
+    p.add_argument("--prefix", default="train", help="shard names: PREFIX-000000.tar")
+    p.add_argument("--shard-size", type=parse_size, default=parse_size("512MB"), help="target bytes per shard")
+    p.add_argument("--max-per-shard", type=int, default=10000, help="at most this many samples per shard")
+    p.add_argument("--copy", action="store_true", help="store the files unchanged (after checking they decode)")
+    p.add_argument("--short-side", type=int, default=320, help="resize so the short side is this (0 = keep)")
+    p.add_argument("--fps", type=float, default=0.0, help="output frame rate (0 = keep the source's)")
+    p.add_argument("--max-duration", type=float, default=0.0, help="keep at most this many seconds (0 = all)")
+    p.add_argument("--gop", type=int, default=16, help="keyframe interval in frames (random access cost)")
+    p.add_argument("--crf", type=int, default=23, help="x264 quality (lower = better, bigger)")
+    p.add_argument("--preset", default="veryfast", help="x264 preset")
+    p.add_argument("--jpeg-quality", type=int, default=90)
+    p.add_argument("--workers", type=int, default=max(1, (mp.cpu_count() or 2) - 1))
+    p.add_argument("--limit", type=int, default=0, help="only the first N inputs (trial runs)")
+    return p.parse_args(argv)
+
+
+def _work(job):
+    item, kind, opt, classes = job
+    try:
+        return item, make_sample(item, kind, opt, classes), None
+    except SourceError as e:
+        return item, None, str(e)
+    except Exception as e:  # noqa: BLE001 - a decoder bug on one file must not end a multi-day job
+        return item, None, f"unexpected {type(e).__name__}: {e}"
+
+
+class ShardWriter:
+    """Writes PREFIX-NNNNNN.tar via a .tmp file renamed when whole; records each finished shard."""
+
+    def __init__(self, out: Path, prefix: str, max_bytes: int, max_count: int, start_index: int):
+        self.out, self.prefix, self.max_bytes, self.max_count = out, prefix, max_bytes, max_count
+        self.index, self.sink, self.count, self.bytes = start_index, None, 0, 0
+
+    def write(self, sample: dict) -> None:
+        import webdataset as wds
+
+        if self.sink is None:
+            self.tmp = self.out / f"{self.prefix}-{self.index:06d}.tar.tmp"
+            self.sink = wds.TarWriter(str(self.tmp))
+        self.sink.write(sample)
+        self.count += 1
+        self.bytes += sum(len(v) for k, v in sample.items() if not k.startswith("__"))
+
+    def full(self) -> bool:
+        return self.sink is not None and (self.bytes >= self.max_bytes or self.count >= self.max_count)
+
+    def close(self) -> dict | None:
+        if self.sink is None:
+            return None
+        self.sink.close()
+        name = f"{self.prefix}-{self.index:06d}.tar"
+        self.tmp.replace(self.out / name)
+        entry = {"url": name, "samples": self.count, "bytes": (self.out / name).stat().st_size}
+        self.index, self.sink, self.count, self.bytes = self.index + 1, None, 0, 0
+        return entry
+
+
+def fingerprint(items: list[Item], kind: str, opt: EncodeOptions, args) -> str:
+    h = hashlib.sha256(json.dumps([kind, asdict(opt), args.prefix, args.shard_size, args.max_per_shard,
+                                   [(i.path, i.label, i.start, i.end) for i in items]]).encode())
+    return h.hexdigest()[:16]
+
+
+def load_progress(out: Path, fp: str) -> list[dict]:
+    path = out / PROGRESS
+    if not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if records and records[0].get("fingerprint") != fp:
+        raise SystemExit(f"error: '{out}' holds shards made from other inputs or options (fingerprint "
+                         f"{records[0].get('fingerprint')} != {fp}); use a new output folder, or delete {path} "
+                         "and the shards to start over")
+    for tmp in out.glob("*.tar.tmp"):  # a shard that was being written when the job died
+        tmp.unlink()
+    records = records[1:]
+    fails = out / FAILURES  # drop failures appended after the last recorded shard: they are retried
+    kept = fails.read_text().splitlines(keepends=True)[:sum(r["failures"] for r in records)] if fails.exists() else []
+    fails.write_text("".join(kept))
+    return records
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    src, out = Path(args.src), Path(args.out)
+    try:
+        items, classes = from_csv(src, Path(args.root) if args.root else None) if src.suffix.lower() == ".csv" \
+            else from_folder(src, "image" if args.kind == "image" else "video")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    kind = args.kind if args.kind != "auto" else (kind_of(items[0].path) or "video")
+    if args.limit:
+        items = items[:args.limit]
+    if args.copy and any(i.start or i.end for i in items):
+        print("error: the CSV has start/end columns but --copy cannot trim; drop --copy to re-encode", file=sys.stderr)
+        return 2
+    opt = EncodeOptions(copy=args.copy, short_side=args.short_side, fps=args.fps, max_duration=args.max_duration,
+                        gop=args.gop, crf=args.crf, preset=args.preset, jpeg_quality=args.jpeg_quality)
+    out.mkdir(parents=True, exist_ok=True)
+    fp = fingerprint(items, kind, opt, args)
+    done = load_progress(out, fp)
+    if not done:
+        (out / PROGRESS).write_text(json.dumps({"fingerprint": fp, "source": str(src), "items": len(items)}) + "\n")
+        (out / FAILURES).write_text("")
+    first = done[-1]["next_item"] if done else 0
+    shards = [r["shard"] for r in done if r.get("shard")]
+    failures = sum(r["failures"] for r in done)
+    print(f"{len(items)} {kind} inputs, {len(classes)} classes → {out}"
+          + (f" (resuming: {len(shards)} shards done, continuing at input {first})" if done else ""))
+    writer = ShardWriter(out, args.prefix, args.shard_size, args.max_per_shard, len(shards))
+    pending_fail: list[dict] = []
+    t0 = time.time()
+    jobs = ((it, kind, opt, classes) for it in items[first:])
+    with mp.Pool(args.workers) as pool, tqdm(total=len(items), initial=first, unit=kind[:3] + "s", desc="sharding",
+                                             dynamic_ncols=True) as bar:
+        for item, sample, error in pool.imap(_work, jobs, chunksize=1):
+            if error:
+                pending_fail.append({"path": item.path, "index": item.index, "error": error})
+            else:
+                writer.write(sample)
+            bar.update(1)
+            bar.set_postfix(shard=writer.index, failed=failures + len(pending_fail))
+            last = item.index == len(items) - 1
+            if writer.full() or last:
+                entry = writer.close()
+                _record(out, entry, pending_fail, item.index + 1)
+                shards += [entry] if entry else []
+                failures += len(pending_fail)
+                pending_fail = []
+    manifest = {"kind": kind, "shards": shards, "classes": classes, "total": sum(s["samples"] for s in shards),
+                "failures": failures, "source": str(src), "options": asdict(opt), "fingerprint": fp}
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    print(f"done in {time.time() - t0:.0f}s: {manifest['total']} samples in {len(shards)} shards, "
+          f"{failures} failed inputs{f' (see {out / FAILURES})' if failures else ''}\n  manifest: {out / MANIFEST}")
+    return 0
+
+
+def _record(out: Path, entry: dict | None, failed: list[dict], next_item: int) -> None:
+    """Failures first, then the shard's progress line (the resume trims failures that no line accounts for)."""
+    if failed:
+        with open(out / FAILURES, "a") as f:
+            f.writelines(json.dumps(x) + "\n" for x in failed)
+    with open(out / PROGRESS, "a") as f:
+        f.write(json.dumps({"shard": entry, "failures": len(failed), "next_item": next_item}) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
