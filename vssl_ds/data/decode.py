@@ -1,5 +1,6 @@
 """Video decoding from in-memory bytes (shard members). decord is the default; PyAV is the fallback
-for the clips decord cannot read (it fails on some frame widths, e.g. 48 px) and an option of its own."""
+for the clips decord cannot read (it fails on some frame widths, e.g. 48 px) and an option of its own;
+torchcodec is used when installed and asked for. All three return the same frames (tests)."""
 from __future__ import annotations
 
 import io
@@ -54,11 +55,46 @@ def decode_pyav(data: bytes, pick: Pick) -> tuple[np.ndarray, np.ndarray]:
     return indices, np.stack([kept[i] for i in indices])
 
 
+def decode_torchcodec(data: bytes, pick: Pick) -> tuple[np.ndarray, np.ndarray]:
+    """torchcodec (optional extra `codec`; needs the system FFmpeg libraries). → (indices [T], frames [T,H,W,C])"""
+    try:
+        from torchcodec.decoders import VideoDecoder
+    except (ImportError, OSError, RuntimeError) as e:  # the wheel loads FFmpeg at import time
+        raise DecodeError(f"torchcodec unavailable: {str(e).splitlines()[0][:200]}") from None
+    try:
+        decoder = VideoDecoder(data, dimension_order="NHWC", seek_mode="exact")
+        indices = np.asarray(pick(decoder.metadata.num_frames), dtype=np.int64)
+        frames = decoder.get_frames_at(indices=indices.tolist()).data.numpy()
+    except (RuntimeError, ValueError, IndexError) as e:
+        raise DecodeError(f"torchcodec: {str(e).splitlines()[0][:200]}") from None
+    return indices, frames
+
+
+def decode_image(data: bytes, pick: Pick) -> tuple[np.ndarray, np.ndarray]:
+    """An image is a one-frame video. → (indices [1], frames [1,H,W,C] uint8)"""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            frame = np.asarray(img.convert("RGB"))
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise DecodeError(f"image: {e}") from None
+    indices = np.asarray(pick(1), dtype=np.int64)
+    return indices, frame[None].repeat(len(indices), 0)
+
+
 def _empty():
     raise DecodeError("no decodable video frames")
 
 
-DECODERS = {"decord": decode_decord, "pyav": decode_pyav}
+DECODERS = {"decord": decode_decord, "pyav": decode_pyav, "torchcodec": decode_torchcodec}
+
+
+def decoder_order(first: str) -> tuple[str, ...]:
+    """The configured decoder, then the others as fallbacks (a fallback is counted, see the pipeline)."""
+    if first not in DECODERS:
+        raise ValueError(f"data.decoder '{first}' is not one of {sorted(DECODERS)}")
+    return (first, *[d for d in ("decord", "pyav") if d != first])
 
 
 def decode(data: bytes, pick: Pick, order=("decord", "pyav")) -> tuple[np.ndarray, np.ndarray, str]:

@@ -72,7 +72,7 @@ def reencode_video(item: Item, opt: EncodeOptions) -> tuple[bytes, dict]:
                         out.pix_fmt = "yuv420p"
                         out.options = {"crf": str(opt.crf), "g": str(opt.gop), "preset": opt.preset}
                     img = frame.reformat(width=size[1], height=size[0], format="yuv420p")
-                    img.pts = None
+                    img.pts, img.time_base = count, 1 / out_rate  # frame counter: monotonic timestamps for the muxer
                     dst.mux(out.encode(img))
                     count += 1
                 if out is None:

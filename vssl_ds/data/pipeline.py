@@ -20,72 +20,119 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import tarfile_samples
 
-from ..config.schema import DataConfig
 from .batch import Batch
-from .decode import DecodeError, decode
-from .masking import MASKS
-from .sampling import ShortVideo, strided_clip
+from .decode import DecodeError, decode, decode_image
+from .sampling import ShortVideo
 from .shards import Shard, epoch_order, split
-from .transforms import apply_view, multi_scale_crop_params
+from .sources import IMAGE_EXTS, VIDEO_EXTS
+from .transforms import apply_view
+from .views import View
 
 log = logging.getLogger(__name__)
+IMAGE_MEMBERS = tuple(e.lstrip(".") for e in sorted(IMAGE_EXTS))
+MEDIA = ("mp4", *(e.lstrip(".") for e in sorted(VIDEO_EXTS) if e != ".mp4"), *IMAGE_MEMBERS)
 END = "__end__"  # a worker's last item: tells the loader that worker has no more batches this epoch
 
 
-class VideoClips(IterableDataset):
-    """Stream of batches from video shards.
+class ShardStream(IterableDataset):
+    """Stream of batches from video (or image) shards.
 
-    After each stage the stream holds: shard urls → raw samples {__key__, mp4, json} → (key, clip uint8
-    [T,H,W,C], mask [N], label) → batches {video [B,C,T,H,W] uint8, mask [B,N], label [B], keys}.
+    After each stage the stream holds: shard urls (this rank's and worker's slice, or resampled) → raw samples
+    {__key__, mp4|jpg…, json} → shuffled raw samples (buffer seeded per rank/worker/epoch) → [skip the ones
+    consumed before a resume] → decoded, viewed, masked samples {video [T,H,W,C] uint8, (long|second|image),
+    mask [N]} → batches {video [B,C,T,H,W] uint8, mask [B,N], label [B], keys}.
     """
 
-    def __init__(self, shards: list[Shard], cfg: DataConfig, token_grid, mask_kind: str, mask_ratio: float,
-                 rank: int = 0, world: int = 1, seed: int = 0, decoders=("decord", "pyav")):
-        self.shards, self.cfg, self.grid = shards, cfg, tuple(token_grid)
-        self.mask_kind, self.mask_ratio = mask_kind, mask_ratio
+    def __init__(self, shards: list[Shard], view: View, batch_size: int, mask_fn=None, rank: int = 0,
+                 world: int = 1, seed: int = 0, decoders=("decord", "pyav"), shuffle_buffer: int = 0,
+                 resampled: bool = False, epoch_samples: int = 0):
+        if view.repeats > 1 and batch_size % view.repeats:
+            raise ValueError(f"data.batch_size ({batch_size}) must be a multiple of data.repeats ({view.repeats}) "
+                             "so that no video's repeats are split across a checkpoint")
+        if resampled and epoch_samples <= 0:
+            raise ValueError("resampled mode needs an epoch length: a manifest with sample counts or data.epoch_size")
+        self.shards, self.view, self.batch_size, self.mask_fn = shards, view, batch_size, mask_fn
         self.rank, self.world, self.seed, self.decoders = rank, world, seed, tuple(decoders)
+        self.shuffle_buffer, self.resampled, self.epoch_samples = shuffle_buffer, resampled, epoch_samples
         self.epoch, self.start = 0, {}
 
     def set_epoch(self, epoch: int, start: dict[int, int] | None = None) -> None:
         self.epoch, self.start = epoch, dict(start or {})
 
-    def _my_shards(self, worker: int, num_workers: int) -> list[Shard]:
+    def _my_shards(self, worker: int, num_workers: int) -> Iterator[Shard]:
+        if self.resampled:  # shards drawn with replacement, a stream of its own per rank and worker
+            rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker, 1])
+            while True:
+                yield self.shards[int(rng.integers(len(self.shards)))]
         mine = split(split(epoch_order(self.shards, self.seed, self.epoch), self.rank, self.world),
                      worker, num_workers)
         if not mine:
             log.warning("rank %d worker %d has no shard this epoch (%d shards for %d ranks x %d workers); "
                         "write more shards than ranks x workers", self.rank, worker, len(self.shards),
                         self.world, num_workers)
-        return mine
+        yield from mine
 
-    def _sample(self, raw: dict, faults: Counter):
-        key = raw["__key__"]
+    def _shuffled(self, raws: Iterator[dict], worker: int) -> Iterator[dict]:
+        """A sample shuffle buffer whose order depends only on (seed, epoch, rank, worker): replayable."""
+        if self.shuffle_buffer <= 1:
+            yield from raws
+            return
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker, 2])
+        buf: list[dict] = []
+        for raw in raws:
+            if len(buf) < self.shuffle_buffer:
+                buf.append(raw)
+                continue
+            k = int(rng.integers(len(buf)))
+            buf[k], raw = raw, buf[k]
+            yield raw
+        for k in rng.permutation(len(buf)):
+            yield buf[k]
+
+    def _sample(self, raw: dict, faults: Counter) -> list:
+        key, url = raw["__key__"], raw.get("__url__")
         rng = np.random.default_rng([self.seed, self.epoch, zlib.crc32(key.encode())])
-        video = raw.get("mp4")
-        if video is None:
-            faults["missing_video"] += 1
-            log.warning("sample %s in %s has no .mp4 member; skipped", key, raw.get("__url__"))
-            return None
-        c = self.cfg
+        member = next((m for m in MEDIA if m in raw), None)
+        if member is None:
+            faults["missing_media"] += 1
+            log.warning("sample %s in %s has no video/image member (has %s); skipped", key, url,
+                        sorted(k for k in raw if not k.startswith("__")))
+            return []
+        picks: list[np.ndarray] = []
+
+        def pick(n: int) -> np.ndarray:  # all clips of all repeats, decoded once
+            picks.extend(c for _ in range(self.view.repeats) for c in self.view.pick(n, rng))
+            return np.unique(np.concatenate(picks))
+
         try:
-            pick = lambda n: strided_clip(n, c.num_frames, c.sampling_rate, rng, c.short_video)  # noqa: E731
-            _, frames, used = decode(video, pick, self.decoders)
+            if member in IMAGE_MEMBERS:
+                indices, frames = decode_image(raw[member], pick)
+                used = self.decoders[0]
+            else:
+                indices, frames, used = decode(raw[member], pick, self.decoders)
         except DecodeError as e:
             faults["corrupt"] += 1
-            log.warning("corrupt clip %s in %s skipped: %s", key, raw.get("__url__"), e)
-            return None
+            log.warning("corrupt sample %s in %s skipped: %s", key, url, e)
+            return []
         except ShortVideo as e:
             faults["short"] += 1
-            log.info("short clip %s in %s skipped: %s", key, raw.get("__url__"), e)
-            return None
+            log.info("short clip %s in %s skipped: %s", key, url, e)
+            return []
         if used != self.decoders[0]:
             faults["decoder_fallback"] += 1
-        frames = torch.from_numpy(frames)  # [T,H,W,C] uint8
-        view = multi_scale_crop_params(frames.shape[1], frames.shape[2], c.size, c.scales, rng)
-        clip = apply_view(frames, view)
-        mask = MASKS[self.mask_kind](self.grid, self.mask_ratio, rng)
-        label = _label(raw)
-        return key, clip, torch.from_numpy(mask), label
+        frames = torch.from_numpy(frames)  # [F,H,W,C] uint8, F = distinct frames of all clips
+        where = {int(i): k for k, i in enumerate(indices)}
+        label, names, out = _label(raw), self.view.names(), []
+        per = len(names)
+        for r in range(self.view.repeats):
+            clips = picks[r * per:(r + 1) * per]
+            params = self.view.spatial(frames.shape[1], frames.shape[2], rng)
+            sample = {name: apply_view(frames[[where[int(i)] for i in idx]], p)
+                      for name, idx, p in zip(names, clips, params)}
+            if self.mask_fn is not None:
+                sample["mask"] = torch.from_numpy(self.mask_fn(rng))
+            out.append((key, sample, label))
+        return out
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -98,18 +145,23 @@ class VideoClips(IterableDataset):
             log.warning("rank %d worker %d: skipping unreadable shard data: %s", self.rank, worker, exn)
             return True
 
-        urls = [{"url": s.url} for s in self._my_shards(worker, num_workers)]
+        raws = self._shuffled(tarfile_samples(({"url": s.url} for s in self._my_shards(worker, num_workers)),
+                                              handler=on_error), worker)
+        quota = -(-self.epoch_samples // (self.world * num_workers)) if self.resampled else 0
         items = []
-        for pos, raw in enumerate(tarfile_samples(urls, handler=on_error), start=1):
+        for pos, raw in enumerate(raws, start=1):
+            if quota and pos > quota:
+                break
             if pos <= skip:
                 continue  # consumed before the checkpoint this run resumes from
-            sample = self._sample(raw, faults)
-            if sample is not None:
-                items.append(sample)
-            if len(items) == self.cfg.batch_size:
-                yield _collate(items, worker, pos, faults)
-                items = []
+            items += self._sample(raw, faults)
+            if len(items) >= self.batch_size:
+                yield _collate(items[:self.batch_size], worker, pos, faults)
+                items = items[self.batch_size:]
         yield {END: worker, "faults": dict(faults)}
+
+
+VideoClips = ShardStream  # the name the spine used
 
 
 def _label(raw: dict) -> int:
@@ -123,16 +175,22 @@ def _label(raw: dict) -> int:
 
 
 def _collate(items, worker: int, pos: int, faults: Counter) -> dict:
-    keys, clips, masks, labels = zip(*items)
-    return {
-        "video": torch.stack(clips).permute(0, 4, 1, 2, 3).contiguous(),  # [B,C,T,H,W] uint8
-        "mask": torch.stack(masks),  # [B,N] bool
-        "label": torch.tensor(labels, dtype=torch.long),
-        "keys": list(keys),
-        "worker": worker,
-        "pos": pos,
-        "faults": dict(faults),
-    }
+    keys, samples, labels = zip(*items)
+    out = {"label": torch.tensor(labels, dtype=torch.long), "keys": list(keys), "worker": worker, "pos": pos,
+           "faults": dict(faults), "views": {}}
+    for name in samples[0]:
+        x = torch.stack([s[name] for s in samples])
+        if name == "mask":
+            out["mask"] = x  # [B,N] bool
+        elif name == "image":
+            out["image"] = x[:, 0].permute(0, 3, 1, 2).contiguous()  # [B,C,H,W] uint8
+        else:
+            x = x.permute(0, 4, 1, 2, 3).contiguous()  # [B,C,T,H,W] uint8
+            if name == "video":
+                out["video"] = x
+            else:
+                out["views"][name] = x
+    return out
 
 
 def _ignore_stop_signals(_worker_id: int) -> None:
@@ -142,10 +200,10 @@ def _ignore_stop_signals(_worker_id: int) -> None:
 
 
 class OrderedLoader:
-    """A DataLoader over `VideoClips` that yields `Batch`es in a fixed worker round-robin and keeps
+    """A DataLoader over a `ShardStream` that yields `Batch`es in a fixed worker round-robin and keeps
     the state (`state_dict`) from which the same epoch continues exactly."""
 
-    def __init__(self, dataset: VideoClips, num_workers: int, prefetch: int = 2, pin_memory: bool = False):
+    def __init__(self, dataset: ShardStream, num_workers: int, prefetch: int = 2, pin_memory: bool = False):
         self.dataset, self.num_workers = dataset, num_workers
         self.prefetch, self.pin_memory = prefetch, pin_memory
         self.epoch, self.positions, self.turn = 0, {}, 0
@@ -184,20 +242,25 @@ class OrderedLoader:
         pending = {w: deque() for w in workers}
         active = list(workers)
         stream = iter(loader)
-        while active:
-            w = self.turn if self.turn in active else active[0]
-            while not pending[w]:
-                item = next(stream)
-                pending[item.get("worker", item.get(END))].append(item)
-            item = pending[w].popleft()
-            self.faults[w] = item["faults"]
-            nxt = active[(active.index(w) + 1) % len(active)]
-            if END in item:
-                active.remove(w)
-                self.turn = nxt if active else 0
-                continue
-            self.positions[w], self.turn = item["pos"], nxt
-            yield Batch.from_worker(item)
+        try:
+            while active:
+                w = self.turn if self.turn in active else active[0]
+                while not pending[w]:
+                    item = next(stream)
+                    pending[item.get("worker", item.get(END))].append(item)
+                item = pending[w].popleft()
+                self.faults[w] = item["faults"]
+                nxt = active[(active.index(w) + 1) % len(active)]
+                if END in item:
+                    active.remove(w)
+                    self.turn = nxt if active else 0
+                    continue
+                self.positions[w], self.turn = item["pos"], nxt
+                yield Batch.from_worker(item)
+        finally:  # workers ignore SIGTERM (see above), so stop them here on every way out, errors included
+            shutdown = getattr(stream, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
         self.next_epoch()
 
     def next_epoch(self) -> None:

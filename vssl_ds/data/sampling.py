@@ -1,4 +1,4 @@
-"""Temporal samplers: which frame indices of a decoded video make a clip."""
+"""Temporal samplers: which frame indices of a decoded video make each clip of a sample."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,7 +10,7 @@ class ShortVideo(Exception):
 
 def strided_clip(num_video_frames: int, num: int, stride: int, rng: np.random.Generator,
                  policy: str = "loop") -> np.ndarray:
-    """`num` frames `stride` apart from a random start (VideoMAE's sampler).
+    """`num` frames `stride` apart from a random start (VideoMAE's sampler).  # [num]
 
     A video shorter than the span is looped (indices wrap), padded with its last frame, or skipped.
     """
@@ -26,3 +26,26 @@ def strided_clip(num_video_frames: int, num: int, stride: int, rng: np.random.Ge
     if policy == "loop":
         return idx % num_video_frames
     return np.minimum(idx, num_video_frames - 1)  # pad: repeat the last frame
+
+
+def multi_clip(num_video_frames: int, num: int, stride: int, repeats: int, rng: np.random.Generator,
+               policy: str = "loop") -> list[np.ndarray]:
+    """`repeats` independent strided clips of one video (repeated augmentation)."""
+    return [strided_clip(num_video_frames, num, stride, rng, policy) for _ in range(repeats)]
+
+
+def long_short_pair(num_video_frames: int, num: int, short_stride: int, long_stride: int,
+                    rng: np.random.Generator, policy: str = "loop") -> tuple[np.ndarray, np.ndarray]:
+    """LSTCL: a short clip and a long clip of the same frame count; the long one spans `long_stride/short_stride`
+    times more time. Each gets its own random start. → (short [num], long [num])"""
+    return (strided_clip(num_video_frames, num, short_stride, rng, policy),
+            strided_clip(num_video_frames, num, long_stride, rng, policy))
+
+
+def frame_pair(num_video_frames: int, max_gap: int, rng: np.random.Generator) -> np.ndarray:
+    """ViC-MAE: two frames at most `max_gap` apart (an image, with one frame, gives itself twice).  # [2]"""
+    if num_video_frames <= 0:
+        raise ShortVideo("video has no frames")
+    gap = int(rng.integers(0, min(max_gap, num_video_frames - 1) + 1))
+    first = int(rng.integers(0, num_video_frames - gap))
+    return np.array([first, first + gap])

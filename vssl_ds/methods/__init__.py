@@ -25,4 +25,14 @@ def token_grid(cfg: Config) -> tuple[int, int, int]:
     return (m.num_frames // m.tubelet, m.img_size // m.patch, m.img_size // m.patch)
 
 
-__all__ = ["Method", "StepOutput", "build_method", "token_grid", "METHODS"]
+def mask_fns(cfg: Config):
+    """The masks the method needs, drawn in the data workers: (video mask, image mask); None = no mask."""
+    from ..data.masking import mask_fn
+
+    if cfg.method.name == "mae":
+        mae = cfg.method.mae
+        return mask_fn(mae.mask, token_grid(cfg), mae.mask_ratio), None
+    return None, None
+
+
+__all__ = ["Method", "StepOutput", "build_method", "token_grid", "mask_fns", "METHODS"]

@@ -81,7 +81,7 @@ class ShardWriter:
 
         if self.sink is None:
             self.tmp = self.out / f"{self.prefix}-{self.index:06d}.tar.tmp"
-            self.sink = wds.TarWriter(str(self.tmp))
+            self.sink = wds.TarWriter(str(self.tmp), mtime=0)  # fixed header times: reruns give identical files
         self.sink.write(sample)
         self.count += 1
         self.bytes += sum(len(v) for k, v in sample.items() if not k.startswith("__"))

@@ -1,0 +1,66 @@
+"""Spatial transforms: parameters are drawn once, returned, and replay to exactly the same pixels."""
+import numpy as np
+import pytest
+import torch
+
+from vssl_ds.data.transforms import (Photometric, apply_view, multi_scale_crop_params, photometric_params,
+                                     random_resized_crop_params, short_side_crop_params)
+from vssl_ds.data.views import KINDS, View
+
+
+@pytest.fixture
+def clip():
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (4, 90, 120, 3), dtype=torch.uint8, generator=g)  # [T,H,W,C]
+
+
+@pytest.mark.parametrize("draw", [
+    lambda h, w, rng: multi_scale_crop_params(h, w, 64, [1, .875, .75, .66], rng),
+    lambda h, w, rng: random_resized_crop_params(h, w, 64, rng),
+    lambda h, w, rng: short_side_crop_params(h, w, 64, (70, 100), rng),
+])
+def test_boxes_stay_inside_the_frame(draw):
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        top, left, h, w = draw(90, 120, rng)["box"]
+        assert 0 <= top and 0 <= left and h > 0 and w > 0 and top + h <= 90 and left + w <= 120
+
+
+def test_a_recorded_view_replays_exactly(clip):
+    view = {**random_resized_crop_params(90, 120, 48, np.random.default_rng(1)),
+            **photometric_params(Photometric(flip=1, jitter=1, gray=0, blur=1, solarize=1), np.random.default_rng(2))}
+    out = apply_view(clip, view)
+    assert out.shape == (4, 48, 48, 3) and out.dtype == torch.uint8
+    assert torch.equal(out, apply_view(clip, dict(view)))  # deterministic given the parameters
+
+
+def test_each_photometric_op_changes_pixels_and_flip_mirrors(clip):
+    base = {"box": [0, 0, 90, 120], "size": [90, 120], "flip": False}
+    plain = apply_view(clip, base)
+    assert torch.equal(plain, clip)
+    assert torch.equal(apply_view(clip, {**base, "flip": True}), clip.flip(2))
+    jitter = {"order": ["brightness", "contrast", "saturation", "hue"], "brightness": 1.3, "contrast": 0.8,
+              "saturation": 1.2, "hue": 0.05}
+    for extra in ({"jitter": jitter}, {"gray": True}, {"blur": 1.5}, {"solarize": True}):
+        assert not torch.equal(apply_view(clip, {**base, **extra}), plain), extra
+    gray = apply_view(clip, {**base, "gray": True})
+    assert torch.equal(gray[..., 0], gray[..., 1])
+
+
+def test_photometric_draws_are_stable_across_probabilities():
+    """Changing one probability must not shift the other random choices (views stay comparable)."""
+    a = photometric_params(Photometric(jitter=1.0), np.random.default_rng(5))
+    b = photometric_params(Photometric(jitter=1.0, gray=1.0), np.random.default_rng(5))
+    assert a["jitter"] == b["jitter"] and b["gray"] and not a["gray"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_view_kind_gives_its_clips(kind, clip):
+    view = View(kind=kind, num_frames=4, stride=2, size=32, short_range=(40, 60))
+    rng = np.random.default_rng(0)
+    picks = view.pick(40, rng)
+    params = view.spatial(90, 120, rng)
+    assert len(picks) == len(params) == len(view.names())
+    for idx, p in zip(picks, params):
+        out = apply_view(clip[np.asarray(idx) % 4], p)
+        assert out.shape[1:] == (32, 32, 3)

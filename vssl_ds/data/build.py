@@ -1,0 +1,86 @@
+"""From the typed config to the loader the training loop iterates: a video stream, and optionally an image
+stream joined batch by batch (BEVT trains on both in every step)."""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Iterator
+
+from ..config.schema import DataConfig
+from .batch import Batch
+from .decode import decoder_order
+from .pipeline import OrderedLoader, ShardStream
+from .shards import resolve_shards, samples_per_epoch
+from .views import View
+
+
+def view_from(d: DataConfig, kind: str | None = None) -> View:
+    return View(kind=kind or d.view, num_frames=d.num_frames, stride=d.sampling_rate, size=d.size,
+                policy=d.short_video, scales=tuple(d.scales), short_range=tuple(d.short_range),
+                long_stride=d.long_stride, max_gap=d.max_gap, repeats=d.repeats)
+
+
+def stream(d: DataConfig, spec: str, view: View, batch_size: int, mask_fn, rank: int, world: int,
+           seed: int) -> tuple[OrderedLoader, int]:
+    """→ (loader, samples per epoch over all ranks)."""
+    shards = resolve_shards(spec)
+    samples = d.epoch_size or samples_per_epoch(shards, 0)  # errors when neither says how long an epoch is
+    ds = ShardStream(shards, view, batch_size, mask_fn, rank, world, seed, decoder_order(d.decoder),
+                     d.shuffle_buffer, d.resampled, samples)
+    return OrderedLoader(ds, d.num_workers, d.prefetch, d.pin_memory), samples
+
+
+class JointLoader:
+    """Video batches, each joined with the next batch of an endless image stream. Same interface and
+    exact-resume state as `OrderedLoader` (the image stream keeps its own epoch and position)."""
+
+    def __init__(self, videos: OrderedLoader, images: OrderedLoader):
+        self.videos, self.images = videos, images
+
+    @property
+    def epoch(self) -> int:
+        return self.videos.epoch
+
+    def state_dict(self) -> dict:
+        return {**self.videos.state_dict(), "images": self.images.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.videos.load_state_dict(state)
+        if "images" in state:
+            self.images.load_state_dict(state["images"])
+
+    def fault_counts(self) -> Counter:
+        return self.videos.fault_counts() + Counter({f"image_{k}": v for k, v in self.images.fault_counts().items()})
+
+    def next_epoch(self) -> None:
+        self.videos.next_epoch()
+
+    def _endless_images(self) -> Iterator[Batch]:
+        while True:
+            got = False
+            for batch in self.images:
+                got = True
+                yield batch
+            if not got:
+                raise RuntimeError("the image stream (data.images) yielded no batch in a whole epoch: "
+                                   "check the shards and data.image_batch_size")
+
+    def __iter__(self) -> Iterator[Batch]:
+        images = self._endless_images()
+        try:
+            for batch in self.videos:
+                yield batch.with_images(next(images))
+        finally:
+            images.close()  # stop the image workers with this epoch; the next one resumes from the state
+
+
+def build_loader(d: DataConfig, mask_fn, image_mask_fn, rank: int, world: int, seed: int):
+    """→ (loader, samples per epoch over all ranks)."""
+    if not d.train:
+        raise ValueError("data.train is empty: give a manifest.json, a brace pattern or shard URLs")
+    videos, samples = stream(d, d.train, view_from(d), d.batch_size, mask_fn, rank, world, seed)
+    if d.image_batch_size <= 0:
+        return videos, samples
+    if not d.images:
+        raise ValueError("data.image_batch_size > 0 needs data.images (image shards from make_shards --kind image)")
+    images, _ = stream(d, d.images, view_from(d, "image"), d.image_batch_size, image_mask_fn, rank, world, seed + 1)
+    return JointLoader(videos, images), samples
