@@ -98,9 +98,9 @@ def crop_resize(frames: torch.Tensor, box, size) -> torch.Tensor:
     clip = frames[:, top:top + h, left:left + w]
     if list(clip.shape[1:3]) == list(size):
         return clip.contiguous()
-    x = clip.permute(0, 3, 1, 2).float()  # [T,C,h,w]
+    x = clip.permute(0, 3, 1, 2)  # [T,C,h,w] uint8, channels-last in memory: torch's fast uint8 kernel
     x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
-    return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    return x.permute(0, 2, 3, 1).contiguous()
 
 
 def _photometric(clip: torch.Tensor, view: dict) -> torch.Tensor:

@@ -59,8 +59,8 @@ class VideoMAEStyle(torch.utils.data.Dataset):
 
         from ..data.transforms import multi_scale_crop_params
 
-        rng = np.random.default_rng(index)
-        vr = decord.VideoReader(self.files[index % len(self.files)], num_threads=1)
+        rng = np.random.default_rng(index)  # a random video per index, like a shuffled epoch
+        vr = decord.VideoReader(self.files[int(rng.integers(len(self.files)))], num_threads=1)
         n, span = len(vr), (self.frames - 1) * self.stride + 1
         start = int(rng.integers(0, max(n - span, 0) + 1))
         ids = [(start + i * self.stride) % n for i in range(self.frames)]
@@ -121,7 +121,7 @@ def bench_data(args) -> dict:
     grid = (args.frames // 2, args.size // 16, args.size // 16)
     ours, _ = stream(d, d.train, view_from(d), d.batch_size, mask_fn("tube", grid, 0.9), 0, 1, 0)
     base = torch.utils.data.DataLoader(VideoMAEStyle(paths, args.frames, args.stride, args.size),
-                                       batch_size=args.batch, num_workers=args.workers, shuffle=True,
+                                       batch_size=args.batch, num_workers=args.workers, shuffle=False,
                                        persistent_workers=False, prefetch_factor=2 if args.workers else None)
     print(f"{len(paths)} clips (short side {args.short_side}); {args.workers} worker(s) each; output "
           f"{args.frames}x{args.size}² stride {args.stride}; {args.seconds:.0f} s per pipeline", flush=True)
