@@ -94,7 +94,7 @@ def main(argv=None) -> int:
         return True
 
     total = sum(s.samples for s in shards) if all(s.samples >= 0 for s in shards) else None
-    every = max(1, (total or args.clips) // max(args.clips, 1))
+    rng = np.random.default_rng(0)  # reservoir sampling: sheet rows spread over the whole set
     for raw in tqdm(tarfile_samples([{"url": s.url} for s in shards], handler=on_error), total=total,
                     desc="reading", unit="samples"):
         seen += 1
@@ -110,8 +110,10 @@ def main(argv=None) -> int:
         if "size" in meta:
             stats["height"].append(meta["size"][0])
             stats["width"].append(meta["size"][1])
-        if args.sheet and len(picked) < args.clips and (seen - 1) % every == 0:
-            picked.append(raw)
+        if args.sheet and len(picked) < args.clips:
+            picked.append((seen, raw))
+        elif args.sheet and (j := int(rng.integers(seen))) < args.clips:
+            picked[j] = (seen, raw)
         if args.max_samples and seen >= args.max_samples:
             break
 
@@ -126,7 +128,7 @@ def main(argv=None) -> int:
           + (f" … ({len(labels)} in all)" if len(labels) > 20 else ""))
     if args.sheet:
         rows = []
-        for raw in picked:
+        for _, raw in sorted(picked, key=lambda p: p[0]):
             try:
                 frames, _ = frames_of(raw, args.frames)
             except (DecodeError, OSError) as e:
