@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .layers import Block, resolve_backend, sincos_table
+from .layers import Block, resolve_backend, run_blocks, sincos_table
 from .vit import init_weights
 
 
@@ -34,8 +34,6 @@ class MaskedDecoder(nn.Module):
         pos_vis = pos[~mask].reshape(b, -1, x.shape[-1])
         pos_mask = pos[mask].reshape(b, -1, x.shape[-1])
         x = torch.cat([x + pos_vis, self.mask_token.to(x.dtype) + pos_mask], dim=1)  # [B,N,D]
-        for blk in self.blocks:
-            x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False) if self.grad_ckpt and self.training \
-                else blk(x)
+        x = run_blocks(self.blocks, x, self.grad_ckpt, self.training)
         num_masked = pos_mask.shape[1]
         return self.head(self.norm(x[:, -num_masked:]))  # [B,Nm,out_dim]

@@ -1,11 +1,14 @@
-"""Video ViT with joint space-time attention that can encode only the visible tokens (VideoMAE / MVD)."""
+"""Video ViT with joint space-time attention that can encode only the visible tokens (VideoMAE / MVD).
+
+Keys follow timm / VideoMAE (`patch_embed.proj`, `blocks.N.attn.qkv`, `norm`, optional `cls_token`), so
+checkpoints map onto it with few renames (see weights.py).
+"""
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
 
-from .layers import Block, PatchEmbed3D, resolve_backend, sincos_table
+from .layers import Block, PatchEmbed3D, resolve_backend, run_blocks, sincos_table
 from .registry import register_model
 
 
@@ -24,14 +27,15 @@ def init_weights(module: nn.Module) -> None:
 class VideoViT(nn.Module):
     def __init__(self, img_size=224, num_frames=16, tubelet=2, patch=16, in_chans=3, embed_dim=768, depth=12,
                  num_heads=12, mlp_ratio=4.0, qkv_bias=True, drop_path=0.0, attn_backend="auto",
-                 grad_ckpt=False, pos_embed="sincos"):
+                 grad_ckpt=False, pos_embed="sincos", cls_token=False):
         super().__init__()
-        self.embed_dim, self.grad_ckpt = embed_dim, grad_ckpt
+        self.embed_dim, self.grad_ckpt, self.depth = embed_dim, grad_ckpt, depth
         self.patch_embed = PatchEmbed3D(img_size, num_frames, tubelet, patch, in_chans, embed_dim)
         self.grid, self.num_patches = self.patch_embed.grid, self.patch_embed.num_patches
         self.patch_size = (tubelet, patch, patch)
         n = self.num_patches
-        if pos_embed == "sincos":
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if cls_token else None
+        if pos_embed == "sincos":  # fixed, patches only; a CLS token gets no position (as in MAE)
             self.register_buffer("pos_embed", sincos_table(n, embed_dim), persistent=False)
         elif pos_embed == "learned":
             self.pos_embed = nn.Parameter(torch.zeros(1, n, embed_dim))
@@ -39,23 +43,31 @@ class VideoViT(nn.Module):
         else:
             raise ValueError(f"pos_embed must be 'sincos' or 'learned', got '{pos_embed}'")
         backend = resolve_backend(attn_backend)
-        rates = torch.linspace(0, drop_path, depth).tolist()  # stochastic depth grows with depth
+        rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth grows with depth
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias, rates[i], backend) for i in range(depth))
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         init_weights(self)
         w = self.patch_embed.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        if self.cls_token is not None:
+            nn.init.trunc_normal_(self.cls_token, std=0.02)
 
-    def forward(self, video: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """video [B,C,T,H,W]; mask [B,N] bool (True = hidden) → visible tokens after the final norm [B,Nv,D]."""
+    def embed(self, video: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Patch embedding + positions, hidden tokens dropped, CLS prepended.  # [B,(1+)Nv,D]"""
         x = self.patch_embed(video.to(self.patch_embed.proj.weight.dtype))  # [B,N,D]
         x = x + self.pos_embed.to(x.dtype)
         if mask is not None:
             x = x[~mask].reshape(x.shape[0], -1, x.shape[-1])  # [B,Nv,D]; every sample hides as many tokens
-        for blk in self.blocks:
-            x = checkpoint(blk, x, use_reentrant=False) if self.grad_ckpt and self.training else blk(x)
-        return self.norm(x)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.to(x.dtype).expand(x.shape[0], -1, -1), x], dim=1)
+        return x
+
+    def forward(self, video: torch.Tensor, mask: torch.Tensor | None = None, norm: bool = True) -> torch.Tensor:
+        """video [B,C,T,H,W]; mask [B,N] bool (True = hidden) → visible tokens [B,(1+)Nv,D], after the final
+        norm unless `norm=False` (MVD's teacher targets: the last block's output)."""
+        x = run_blocks(self.blocks, self.embed(video, mask), self.grad_ckpt, self.training)
+        return self.norm(x) if norm else x
 
 
 def _video_vit(defaults: dict, kwargs: dict) -> VideoViT:

@@ -32,6 +32,15 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x)))
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x), bias))
         return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+def run_blocks(blocks, x: torch.Tensor, grad_ckpt: bool, training: bool, *args) -> torch.Tensor:
+    """Apply `blocks` in turn, each under activation checkpointing when asked (recomputed in backward)."""
+    from torch.utils.checkpoint import checkpoint
+
+    for blk in blocks:
+        x = checkpoint(blk, x, *args, use_reentrant=False) if grad_ckpt and training else blk(x, *args)
+    return x
