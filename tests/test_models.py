@@ -1,0 +1,161 @@
+"""Backbones on CPU at tiny input sizes, parametrised over the registry; published sizes; equivalences."""
+import math
+
+import pytest
+import torch
+
+from vssl_ds.models import create_model, list_models
+from vssl_ds.models.layers import attention
+from vssl_ds.models.stats import model_stats
+
+
+def _tiny_input(name):
+    if name.startswith("vit2d"):
+        size = 28 if "patch14" in name else 32
+        return dict(img_size=size), torch.randn(2, 3, size, size)
+    kw = dict(img_size=32, num_frames=4)
+    if name.startswith("vit_") and "divided" not in name:
+        kw["patch"] = 16
+    return kw, torch.randn(2, 3, 4, 32, 32)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_variant_runs_forward_and_backward(name):
+    torch.manual_seed(0)
+    kw, x = _tiny_input(name)
+    model = create_model(name, attn_backend="sdpa", **kw)
+    out = model(x)
+    assert out.dim() in (3, 5) and out.shape[0] == 2 and torch.isfinite(out).all()
+    out.float().pow(2).mean().backward()
+    grads = [p.grad for n, p in model.named_parameters() if "mask_token" not in n]  # used only with a mask
+    assert all(g is not None for g in grads)  # every parameter is on the graph
+    # most get a signal at once (TimeSformer's zero-initialised temporal_fc silences its branch at step 0)
+    assert sum(bool(g.abs().sum() > 0) for g in grads) >= 0.65 * len(grads)
+
+
+# published figures: VideoMAE (ViT 16×224², tubelet 2×16×16), Video Swin (32×224²), TimeSformer (8×224²)
+PUBLISHED = [
+    ("vit_small_video", {}, 22, 57), ("vit_base_video", {}, 87, 180), ("vit_large_video", {}, 305, 597),
+    ("vit_huge_video", {}, 633, 1192), ("swin3d_tiny", {"num_frames": 32}, 28, 88),
+    ("swin3d_base", {"num_frames": 32}, 88, 282), ("vit_base_divided_st", {}, 121, 196),
+]
+
+
+@pytest.mark.parametrize("name,kw,params_m,gflops", PUBLISHED)
+def test_parameters_and_flops_match_the_papers(name, kw, params_m, gflops):
+    s = model_stats(name, **kw)
+    assert abs(s["params_m"] - params_m) / params_m < 0.02, s  # heads are not counted: within 2 %
+    assert abs(s["gflops"] - gflops) / gflops < 0.01, s
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_attention_backends_agree(with_bias):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, 4, 49, 16) for _ in range(3))
+    bias = None
+    if with_bias:  # a relative-position-like bias plus a shifted-window style -100 mask
+        bias = torch.randn(1, 4, 49, 49) + torch.where(torch.rand(3, 1, 49, 49) < 0.3, -100.0, 0.0)
+    ref = attention(q, k, v, bias, "math")
+    assert torch.allclose(attention(q, k, v, bias, "sdpa"), ref, atol=1e-5)
+    low = attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), None if bias is None else bias.bfloat16(), "sdpa")
+    assert (low.float() - ref).abs().max() < 0.1  # bf16 stays close
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="xformers needs CUDA")
+def test_xformers_agrees_with_math_on_gpu():
+    pytest.importorskip("xformers")
+    q, k, v = (torch.randn(2, 4, 1568, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    bias = torch.randn(1, 4, 1568, 1568, device="cuda", dtype=torch.bfloat16)
+    for b in (None, bias):
+        ref = attention(q.float(), k.float(), v.float(), None if b is None else b.float(), "math")
+        assert (attention(q, k, v, b, "xformers").float() - ref).abs().max() < 0.05
+
+
+@pytest.mark.parametrize("name", ["swin3d_micro", "swin3d_micro_st", "vit_micro_divided_st", "vit_micro_video"])
+def test_models_give_the_same_output_on_every_backend(name):
+    kw, x = _tiny_input(name)
+    torch.manual_seed(0)
+    a = create_model(name, attn_backend="math", **kw).eval()
+    b = create_model(name, attn_backend="sdpa", **kw).eval()
+    b.load_state_dict(a.state_dict())
+    assert torch.allclose(a(x), b(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("name,cls", [("vit_micro_video", False), ("vit_micro_video", True),
+                                      ("vit2d_micro_patch16", True)])
+def test_masked_forward_equals_full_forward_restricted_to_visible_tokens(name, cls):
+    """Encoding only the visible tokens = encoding all of them with hidden keys masked out, then keeping
+    the visible rows: the gather keeps token order and positions right."""
+    torch.manual_seed(0)
+    kw, x = _tiny_input(name)
+    model = create_model(name, attn_backend="math", cls_token=cls, **{**kw, "img_size": 64}).eval()
+    x = torch.randn(2, 3, *x.shape[2:-2], 64, 64)
+    n = model.num_patches
+    mask = torch.zeros(2, n, dtype=torch.bool)
+    for i in range(2):
+        mask[i, torch.randperm(n)[: n * 3 // 4]] = True
+    prefix = 1 if cls else 0
+    keep = torch.cat([torch.zeros(2, prefix, dtype=torch.bool), mask], 1)
+    bias = torch.zeros(2, 1, 1, prefix + n).masked_fill(keep[:, None, None, :], float("-inf"))
+    h = model.embed(x)  # all tokens
+    for blk in model.blocks:
+        h = blk(h, bias)
+    full = model.norm(h)[~keep].reshape(2, -1, full_dim := h.shape[-1])
+    assert torch.allclose(model(x, mask), full, atol=1e-5) and full_dim == model.embed_dim
+
+
+def test_a_2d_vit_inflated_to_video_gives_its_features_on_a_static_clip():
+    from vssl_ds.models.weights import inflate_vit, load_into
+
+    torch.manual_seed(0)
+    vit2d = create_model("vit2d_micro_patch16", img_size=32, cls_token=False, attn_backend="math").eval()
+    video = create_model("vit_micro_video", img_size=32, num_frames=4, patch=16, pos_embed="learned",
+                         attn_backend="math").eval()
+    load_into(video, inflate_vit(vit2d.state_dict(), video), "inflation")
+    frame = torch.randn(1, 3, 32, 32)
+    clip = frame[:, :, None].repeat(1, 1, 4, 1, 1)
+    per_slice = video(clip).reshape(1, 2, 4, -1)  # [B, T', H'W', D]
+    for t in range(2):
+        assert torch.allclose(per_slice[:, t], vit2d(frame), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["vit_micro_video", "vit_micro_divided_st", "swin3d_micro"])
+def test_checkpointed_blocks_give_the_same_gradients(name):
+    kw, x = _tiny_input(name)
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        model = create_model(name, attn_backend="math", grad_ckpt=ckpt, **kw).train()
+        model(x).pow(2).mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_swin_mask_token_replaces_hidden_patches_and_coarse_masks_upsample():
+    torch.manual_seed(0)
+    model = create_model("swin3d_micro", img_size=64, num_frames=4).eval()
+    x = torch.randn(1, 3, 4, 64, 64)
+    coarse = torch.zeros(1, 2 * 4 * 4, dtype=torch.bool)  # 2×4×4 grid (16-px cells) over a 2×16×16 patch grid
+    assert torch.equal(model(x, coarse), model(x))  # nothing hidden: unchanged
+    coarse[0, :5] = True
+    fine = model._upsample_mask(coarse, (2, 16, 16))
+    assert fine.sum() == 5 * 16 and not torch.equal(model(x, coarse), model(x))
+
+
+def test_divided_vit_refuses_a_mask():
+    model = create_model("vit_micro_divided_st", img_size=32, num_frames=4)
+    with pytest.raises(ValueError, match="no masked forward"):
+        model(torch.randn(1, 3, 4, 32, 32), torch.zeros(1, 16, dtype=torch.bool))
+
+
+def test_unknown_model_suggests_the_nearest():
+    with pytest.raises(ValueError, match="did you mean 'swin3d_base'"):
+        create_model("swin3d_bsae")
+
+
+def test_swin_window_fits_small_inputs():
+    from vssl_ds.models.swin3d import fit_window
+
+    assert fit_window((2, 14, 14), (8, 7, 7), (4, 3, 3)) == ((2, 7, 7), (0, 3, 3))
+    assert math.prod(fit_window((8, 5, 9), (8, 7, 7), (4, 3, 3))[0]) == 8 * 5 * 7

@@ -1,0 +1,75 @@
+"""Frozen teachers from a timm name or a local file, offline when the weights are local.
+
+    build_teacher("timm:vit_base_patch16_224.mae", weights="/models/mae_vitb.pth")   # any timm ViT
+    build_teacher("vit_base_video", weights="/models/videomae_vitb_k400.pth")         # a vssl_ds model
+    build_teacher("vit2d_base_patch16", weights="/models/mae_pretrain_vit_base.pth")
+
+`Teacher.forward(x, norm=False)` returns tokens `[B,N,D]` without the prefix (CLS) tokens: the last block's
+output without the final norm (MVD's targets), or after it with `norm=True`.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..models import create_model
+from ..models.weights import load_pretrained
+
+log = logging.getLogger(__name__)
+
+
+class Teacher(nn.Module):
+    """A frozen encoder: eval mode always (dropout / drop path off), no gradients."""
+
+    def __init__(self, encoder: nn.Module, num_prefix: int, timm_model: bool):
+        super().__init__()
+        self.encoder, self.num_prefix, self.timm_model = encoder, num_prefix, timm_model
+        self.encoder.requires_grad_(False)
+        self.encoder.eval()
+        self.embed_dim = getattr(encoder, "embed_dim", None) or getattr(encoder, "num_features")
+
+    def train(self, mode: bool = True) -> "Teacher":
+        return super().train(False)  # a teacher never leaves eval mode
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, norm: bool = False) -> torch.Tensor:
+        if self.timm_model:  # timm's ViT internals: the same steps as forward_features, norm optional
+            m = self.encoder
+            h = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))
+            h = m.blocks(h)
+            h = m.norm(h) if norm else h
+        else:
+            h = self.encoder(x, norm=norm)
+        return h[:, self.num_prefix:]
+
+
+def build_teacher(spec: str, weights: str = "", **model_kwargs) -> Teacher:
+    """`timm:<name>` (weights from `weights` if given, else timm's own cache/hub) or a vssl_ds model name
+    (weights required: VideoMAE / MVD / BEVT / timm-format files are converted, see models/weights.py)."""
+    if spec.startswith("timm:"):
+        from ..compat import import_timm
+
+        timm = import_timm()
+        name = spec.removeprefix("timm:")
+        kwargs = dict(num_classes=0, **model_kwargs)
+        if weights:
+            if not Path(weights).is_file():
+                raise FileNotFoundError(f"teacher weights '{weights}' for {spec} do not exist")
+            kwargs["pretrained_cfg_overlay"] = dict(file=str(weights))
+        try:
+            model = timm.create_model(name, pretrained=True, **kwargs)
+        except Exception as e:  # noqa: BLE001 - timm raises many kinds when a hub download is impossible
+            raise RuntimeError(f"cannot build teacher {spec}: {e}. Offline, save the weights to a file and pass "
+                               "it as the teacher's weights") from e
+        log.info("teacher %s loaded%s", spec, f" from {weights}" if weights else "")
+        return Teacher(model, getattr(model, "num_prefix_tokens", 1), timm_model=True)
+    if not weights:
+        raise ValueError(f"teacher '{spec}' needs a weight file (a vssl_ds model is never pretrained by itself)")
+    model = create_model(spec, **model_kwargs)
+    fmt = load_pretrained(model, weights)
+    log.info("teacher %s loaded from %s (%s format)", spec, weights, fmt)
+    prefix = 1 if getattr(model, "cls_token", None) is not None else 0
+    return Teacher(model, prefix, timm_model=False)
