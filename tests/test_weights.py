@@ -117,3 +117,16 @@ def test_wrong_size_is_a_clear_error(timm_vit):
         load_pretrained(model, path)
     with pytest.raises(FileNotFoundError, match="never downloads"):
         load_pretrained(model, "/nonexistent/weights.pth")
+
+
+def test_model_pretrained_initialises_the_methods_encoder(tmp_path):
+    from vssl_ds.config.loader import load_config
+    from vssl_ds.methods import build_method
+
+    torch.manual_seed(0)
+    src = create_model("vit_micro_video", img_size=32, num_frames=8, patch=8)
+    torch.save(_videomae_official(src), tmp_path / "ckpt.pth")
+    cfg = load_config("tiny_mae", ["model.name=vit_micro_video", "model.img_size=32", "model.patch=8",
+                                   f"model.pretrained={tmp_path / 'ckpt.pth'}"])
+    method = build_method(cfg)
+    assert torch.equal(method.trainable.encoder.blocks[1].mlp.fc2.weight, src.blocks[1].mlp.fc2.weight)

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from ..config.schema import Config
 from ..data.batch import Batch
-from ..models import create_model
+from ..models import build_encoder
 from ..models.heads import MaskedDecoder
 from .base import Method, StepOutput
 from .losses import masked_mse, pixel_targets
@@ -28,9 +28,7 @@ class MAEStudent(nn.Module):
 class VideoMAE(Method):
     def __init__(self, cfg: Config):
         m, mae = cfg.model, cfg.method.mae
-        encoder = create_model(m.name, img_size=m.img_size, num_frames=m.num_frames, tubelet=m.tubelet,
-                               patch=m.patch, drop_path=m.drop_path, attn_backend=m.attn_backend,
-                               grad_ckpt=m.grad_ckpt)
+        encoder = build_encoder(m)
         out_dim = 3 * math.prod(encoder.patch_size)
         decoder = MaskedDecoder(encoder.num_patches, encoder.embed_dim, mae.decoder_dim, mae.decoder_depth,
                                 mae.decoder_heads, out_dim, m.attn_backend, m.grad_ckpt)

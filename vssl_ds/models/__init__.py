@@ -7,3 +7,21 @@ from .registry import create_model, list_models, register_model  # noqa: E402
 from . import swin3d, vit, vit2d, vit_divided  # noqa: E402,F401  (register their variants)
 
 __all__ = ["create_model", "list_models", "register_model"]
+
+
+def build_encoder(m) -> "torch.nn.Module":  # noqa: F821
+    """The encoder a `ModelConfig` describes, with `m.pretrained` (a local file in any supported format,
+    see weights.py) loaded into it."""
+    import logging
+
+    from .weights import load_pretrained
+
+    model = create_model(m.name, img_size=m.img_size, num_frames=m.num_frames, tubelet=m.tubelet, patch=m.patch,
+                         drop_path=m.drop_path, attn_backend=m.attn_backend, grad_ckpt=m.grad_ckpt)
+    if m.pretrained:
+        fmt = load_pretrained(model, m.pretrained)
+        logging.getLogger(__name__).info("encoder %s initialised from %s (%s format)", m.name, m.pretrained, fmt)
+    return model
+
+
+__all__ += ["build_encoder"]
