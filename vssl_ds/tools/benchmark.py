@@ -1,6 +1,8 @@
 """Benchmarks whose figures go into docs/BENCHMARKS.md (never timed tests).
 
     vssl-benchmark data [--workers 1] [--seconds 60] [--frames 16 --stride 4 --size 224]
+    vssl-benchmark attention [--tokens 1568 --heads 12 --head-dim 64 --batch 8] [--backends math,sdpa,xformers]
+    vssl-benchmark model [--models vit_base_video,vit_large_video] [--mask-ratio 0.9] [--grad-ckpt]
 
 `data`: clips/s of the vssl_ds pipeline (tar shards → decord → crop → mask, per-sample views) against a
 baseline modelled on VideoMAE's pretraining loader (one decord.VideoReader per video *file*, TSN-style
@@ -37,6 +39,23 @@ def parse_args(argv=None):
     d.add_argument("--clips", type=int, default=24, help="generated clips added to the real ones")
     d.add_argument("--workdir", default="", help="keep the generated shards/files here (default: a temp dir)")
     d.add_argument("--json", default="", help="also write the figures to this JSON file")
+    a = sub.add_parser("attention", help="time per attention backend (forward + backward)")
+    a.add_argument("--tokens", type=int, default=1568)
+    a.add_argument("--heads", type=int, default=12)
+    a.add_argument("--head-dim", type=int, default=64)
+    a.add_argument("--batch", type=int, default=8)
+    m = sub.add_parser("model", help="time per training step (forward + backward) per model and backend")
+    m.add_argument("--models", default="vit_base_video,vit_large_video")
+    m.add_argument("--batch", type=int, default=8)
+    m.add_argument("--frames", type=int, default=16)
+    m.add_argument("--size", type=int, default=224)
+    m.add_argument("--mask-ratio", type=float, default=0.0, help="> 0: encode only the visible tokens (MAE)")
+    m.add_argument("--grad-ckpt", action="store_true")
+    for q in (a, m):
+        q.add_argument("--backends", default="math,sdpa,xformers")
+        q.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="auto: bf16 on GPU")
+        q.add_argument("--iters", type=int, default=10)
+        q.add_argument("--json", default="")
     return p.parse_args(argv)
 
 
@@ -141,9 +160,95 @@ def bench_data(args) -> dict:
     return result
 
 
+def _setup(args):
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = args.dtype if args.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+    backends = [b for b in args.backends.split(",") if b != "xformers" or device.type == "cuda"]
+    dev = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU x{os.cpu_count()}"
+    print(f"device {dev}, {name}, backends {backends}", flush=True)
+    return device, dtype, backends, {"device": dev, "dtype": name, "torch": torch.__version__}
+
+
+def _timed(fn, iters: int, device) -> float:
+    """Median seconds of `fn()` over `iters` runs after two warm-ups."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(iters):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def bench_attention(args) -> dict:
+    from ..models.layers import attention, resolve_backend
+
+    device, dtype, backends, info = _setup(args)
+    shape = (args.batch, args.heads, args.tokens, args.head_dim)
+    q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    bias = torch.randn(1, args.heads, args.tokens, args.tokens, device=device, dtype=dtype)
+    out = {"setup": {**info, "shape_BHND": list(shape)}}
+    for backend in backends:
+        resolve_backend(backend, device)
+        for name, b in (("no_bias", None), ("bias", bias)):
+            def step():
+                attention(q, k, v, b, backend).sum().backward()
+            ms = 1000 * _timed(step, args.iters, device)
+            mem = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else 0.0
+            out[f"{backend}/{name}"] = {"ms": round(ms, 2), "peak_mem_gib": round(mem, 2)}
+            print(f"  {backend:9s} {name:8s} {ms:9.2f} ms (fwd+bwd)" + (f"  peak {mem:.2f} GiB" if mem else ""), flush=True)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+    return out
+
+
+def bench_model(args) -> dict:
+    from ..models import create_model
+    from ..models.stats import model_stats
+
+    device, dtype, backends, info = _setup(args)
+    out = {"setup": {**info, "batch": args.batch, "frames": args.frames, "size": args.size,
+                     "mask_ratio": args.mask_ratio, "grad_ckpt": args.grad_ckpt}}
+    for name in args.models.split(","):
+        kw = dict(img_size=args.size, num_frames=args.frames)
+        gflops = model_stats(name, **kw)["gflops"]  # full clip, forward, GMACs
+        for backend in backends:
+            torch.manual_seed(0)
+            model = create_model(name, attn_backend=backend, grad_ckpt=args.grad_ckpt, **kw).to(device).train()
+            x = torch.randn(args.batch, 3, args.frames, args.size, args.size, device=device)
+            mask = None
+            if args.mask_ratio > 0:
+                n = model.num_patches
+                keep = torch.rand(args.batch, n, device=device).argsort(1)[:, : int(round(n * args.mask_ratio))]
+                mask = torch.zeros(args.batch, n, dtype=torch.bool, device=device).scatter_(1, keep, True)
+
+            def step():
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                    y = model(x, mask) if mask is not None else model(x)
+                y.float().pow(2).mean().backward()
+            s = _timed(step, args.iters, device)
+            row = {"step_s": round(s, 4), "clips_per_s": round(args.batch / s, 2)}
+            if device.type == "cuda":
+                row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
+                torch.cuda.reset_peak_memory_stats()
+                if mask is None:  # achieved model TFLOP/s: 3x the forward MACs x 2 FLOPs per MAC
+                    row["model_tflops"] = round(6 * gflops * args.batch / s / 1000, 1)
+            out[f"{name}/{backend}"] = row
+            print(f"  {name:18s} {backend:9s} {s * 1000:9.1f} ms/step  {row['clips_per_s']:8.2f} clips/s"
+                  + (f"  {row.get('model_tflops', '')} TFLOP/s  peak {row['peak_mem_gib']} GiB" if "peak_mem_gib" in row else ""),
+                  flush=True)
+            del model
+    return out
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    result = {"data": bench_data}[args.what](args)
+    result = {"data": bench_data, "attention": bench_attention, "model": bench_model}[args.what](args)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     return 0
