@@ -64,6 +64,7 @@ class ModelConfig:
     attn_backend: str = "auto"  # auto | xformers | sdpa | math
     grad_ckpt: bool = False  # activation checkpointing per block
     pretrained: str = ""  # local weight file (.pth/.safetensors) loaded into the encoder
+    pos_embed: str = "sincos"  # sincos (VideoMAE's 1D table) | sincos3d (MVD's) | learned
 
 
 @dataclass
@@ -77,9 +78,30 @@ class MAEConfig:
 
 
 @dataclass
+class MVDConfig:
+    """Masked video distillation (Wang et al., CVPR 2023); values follow the official scripts."""
+    mask: str = "tube"
+    mask_ratio: float = 0.9
+    image_teacher: str = "vit2d_base_patch16"  # a vssl_ds model name or timm:<name> (MAE-pretrained image ViT)
+    image_teacher_weights: str = ""  # local file (vssl_ds never downloads)
+    video_teacher: str = "vit_base_video"  # a vssl_ds model name or timm:<name> (VideoMAE-pretrained video ViT)
+    video_teacher_weights: str = ""
+    teacher_size: int = 0  # teachers' input size when it differs from data.size (e.g. 196 for ViT-H/14); 0 = same
+    decoder_dim: int = 0  # 0 = encoder width (S/B); L: 512, H: 640
+    decoder_depth: int = 2  # S/B: 2, L: 4, H: 8
+    decoder_heads: int = 0  # 0 = encoder heads
+    image_weight: float = 1.0
+    video_weight: float = 1.0
+    norm_targets: bool = False  # parameter-free LayerNorm on the teacher features
+    loss: str = "smooth_l1"  # smooth_l1 | l2 | l1
+    targets: str = "online"  # online: run the teachers in the step (the teacher cache is issue 6)
+
+
+@dataclass
 class MethodConfig:
     name: str = "mae"
     mae: MAEConfig = field(default_factory=MAEConfig)
+    mvd: MVDConfig = field(default_factory=MVDConfig)
 
 
 @dataclass
@@ -125,7 +147,11 @@ CHOICES = {
     "data.decoder": ("decord", "pyav", "torchcodec"),
     "data.view": ("clip", "scale_crop", "long_short", "frame_pair"),
     "model.attn_backend": ("auto", "xformers", "sdpa", "math"),
-    "method.name": ("mae",),
+    "method.name": ("mae", "mvd"),
+    "method.mvd.mask": ("tube", "random"),
+    "method.mvd.loss": ("smooth_l1", "l2", "l1"),
+    "method.mvd.targets": ("online",),
+    "model.pos_embed": ("sincos", "sincos3d", "learned"),
     "method.mae.mask": ("tube", "random", "block_tube"),
     "engine.zero_stage": (0, 1, 2, 3),
     "engine.precision": ("auto", "bf16", "fp16", "fp32"),

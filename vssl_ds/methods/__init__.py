@@ -11,7 +11,13 @@ def _mae(cfg: Config) -> Method:
     return VideoMAE(cfg)
 
 
-METHODS = {"mae": _mae}
+def _mvd(cfg: Config) -> Method:
+    from .mvd import MVD
+
+    return MVD(cfg)
+
+
+METHODS = {"mae": _mae, "mvd": _mvd}
 
 
 def build_method(cfg: Config) -> Method:
@@ -29,9 +35,9 @@ def mask_fns(cfg: Config):
     """The masks the method needs, drawn in the data workers: (video mask, image mask); None = no mask."""
     from ..data.masking import mask_fn
 
-    if cfg.method.name == "mae":
-        mae = cfg.method.mae
-        return mask_fn(mae.mask, token_grid(cfg), mae.mask_ratio), None
+    if cfg.method.name in ("mae", "mvd"):
+        section = getattr(cfg.method, cfg.method.name)
+        return mask_fn(section.mask, token_grid(cfg), section.mask_ratio), None
     return None, None
 
 

@@ -16,8 +16,9 @@ def build_encoder(m) -> "torch.nn.Module":  # noqa: F821
 
     from .weights import load_pretrained
 
+    extra = {"pos_embed": m.pos_embed} if m.pos_embed != "sincos" else {}  # only the ViTs take it
     model = create_model(m.name, img_size=m.img_size, num_frames=m.num_frames, tubelet=m.tubelet, patch=m.patch,
-                         drop_path=m.drop_path, attn_backend=m.attn_backend, grad_ckpt=m.grad_ckpt)
+                         drop_path=m.drop_path, attn_backend=m.attn_backend, grad_ckpt=m.grad_ckpt, **extra)
     if m.pretrained:
         fmt = load_pretrained(model, m.pretrained)
         logging.getLogger(__name__).info("encoder %s initialised from %s (%s format)", m.name, m.pretrained, fmt)

@@ -4,20 +4,24 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .layers import Block, resolve_backend, run_blocks, sincos_table
+from .layers import Block, resolve_backend, run_blocks, sincos_3d_table, sincos_table
 from .vit import init_weights
 
 
 class MaskedDecoder(nn.Module):
-    """VideoMAE decoder: visible tokens + mask tokens, each with its fixed position, through `depth` blocks;
-    predicts `out_dim` values for every masked token, in the order the mask lists them."""
+    """VideoMAE / MVD decoder: visible tokens + mask tokens, each with its fixed position (VideoMAE's 1D table,
+    or MVD's 3D one when `grid` is given), through `depth` blocks; predicts `out_dim` values for every masked
+    token, in the order the mask lists them."""
 
     def __init__(self, num_patches: int, enc_dim: int, dim: int, depth: int, heads: int, out_dim: int,
-                 attn_backend: str = "auto", grad_ckpt: bool = False):
+                 attn_backend: str = "auto", grad_ckpt: bool = False, grid: tuple | None = None,
+                 embed_bias: bool = False, num_prefix: int = 0):
         super().__init__()
-        self.embed = nn.Linear(enc_dim, dim, bias=False)
+        self.num_prefix = num_prefix  # encoder tokens before the patches (CLS): kept, without position
+        self.embed = nn.Linear(enc_dim, dim, bias=embed_bias)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.register_buffer("pos_embed", sincos_table(num_patches, dim), persistent=False)
+        table = sincos_3d_table(grid, dim) if grid is not None else sincos_table(num_patches, dim)
+        self.register_buffer("pos_embed", table, persistent=False)
         backend = resolve_backend(attn_backend)
         self.blocks = nn.ModuleList(Block(dim, heads, 4.0, True, 0.0, backend) for _ in range(depth))
         self.norm = nn.LayerNorm(dim, eps=1e-6)
@@ -28,12 +32,12 @@ class MaskedDecoder(nn.Module):
 
     def forward(self, visible: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """visible [B,Nv,E], mask [B,N] → predictions for the masked tokens [B,Nm,out_dim]."""
-        b = visible.shape[0]
-        x = self.embed(visible)  # [B,Nv,D]
+        b, s = visible.shape[0], self.num_prefix
+        x = self.embed(visible)  # [B,s+Nv,D]
         pos = self.pos_embed.to(x.dtype).expand(b, -1, -1)  # [B,N,D]
         pos_vis = pos[~mask].reshape(b, -1, x.shape[-1])
         pos_mask = pos[mask].reshape(b, -1, x.shape[-1])
-        x = torch.cat([x + pos_vis, self.mask_token.to(x.dtype) + pos_mask], dim=1)  # [B,N,D]
+        x = torch.cat([x[:, :s], x[:, s:] + pos_vis, self.mask_token.to(x.dtype) + pos_mask], dim=1)  # [B,s+N,D]
         x = run_blocks(self.blocks, x, self.grad_ckpt, self.training)
         num_masked = pos_mask.shape[1]
         return self.head(self.norm(x[:, -num_masked:]))  # [B,Nm,out_dim]

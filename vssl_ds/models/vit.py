@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .layers import Block, PatchEmbed3D, resolve_backend, run_blocks, sincos_table
+from .layers import Block, PatchEmbed3D, resolve_backend, run_blocks, sincos_3d_table, sincos_table
 from .registry import register_model
 
 
@@ -35,13 +35,15 @@ class VideoViT(nn.Module):
         self.patch_size = (tubelet, patch, patch)
         n = self.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if cls_token else None
-        if pos_embed == "sincos":  # fixed, patches only; a CLS token gets no position (as in MAE)
-            self.register_buffer("pos_embed", sincos_table(n, embed_dim), persistent=False)
+        if pos_embed in ("sincos", "sincos3d"):  # fixed, patches only; a CLS token gets none (as in MAE)
+            table = sincos_table(n, embed_dim) if pos_embed == "sincos" else sincos_3d_table(self.grid, embed_dim)
+            self.register_buffer("pos_embed", table, persistent=False)
         elif pos_embed == "learned":
             self.pos_embed = nn.Parameter(torch.zeros(1, n, embed_dim))
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
         else:
-            raise ValueError(f"pos_embed must be 'sincos' or 'learned', got '{pos_embed}'")
+            raise ValueError(f"pos_embed must be 'sincos' (VideoMAE's 1D table), 'sincos3d' (MVD's) or 'learned', "
+                             f"got '{pos_embed}'")
         backend = resolve_backend(attn_backend)
         rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth grows with depth
         self.blocks = nn.ModuleList(

@@ -36,6 +36,7 @@ class Teacher(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, norm: bool = False) -> torch.Tensor:
+        x = x.to(next(self.encoder.parameters()).dtype)  # the engine may hold teachers in bf16 / fp16
         if self.timm_model:  # timm's ViT internals: the same steps as forward_features, norm optional
             m = self.encoder
             h = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))

@@ -1,0 +1,139 @@
+"""MVD: the 3D position table, the loss against an independent computation, overfitting a fixed batch, and a
+2-rank DeepSpeed run through pretrain.py with teachers loaded from local files."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import free_port, launch, overrides  # noqa: F401
+from vssl_ds.config.loader import load_config
+from vssl_ds.data.batch import Batch
+from vssl_ds.methods import build_method, mask_fns
+from vssl_ds.models import create_model
+from vssl_ds.models.layers import sincos_3d_table
+
+STUDENT = ["model.name=vit_micro_video", "model.img_size=32", "model.num_frames=8", "model.patch=8",
+           "data.size=32", "data.num_frames=8", "data.sampling_rate=2"]
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory):
+    """An 'MAE image ViT' (timm layout) and a 'VideoMAE ViT' (official checkpoint layout) saved to files."""
+    root = tmp_path_factory.mktemp("teachers")
+    torch.manual_seed(7)
+    image = create_model("vit2d_micro_patch16", img_size=32, patch=8)  # width 64
+    torch.save({"model": image.state_dict()}, root / "mae_image.pth")
+    video = create_model("vit_tiny_video", img_size=32, num_frames=8, patch=8)  # width 192
+    torch.save({"model": {f"encoder.{k}": v for k, v in video.state_dict().items()}}, root / "videomae.pth")
+    return image.eval(), video.eval(), root
+
+
+def _cfg(teachers, *extra):
+    _, _, root = teachers
+    return load_config("mvd_vit_s", [*STUDENT, "method.mvd.image_teacher=vit2d_micro_patch16",
+                                     f"method.mvd.image_teacher_weights={root / 'mae_image.pth'}",
+                                     "method.mvd.video_teacher=vit_tiny_video",
+                                     f"method.mvd.video_teacher_weights={root / 'videomae.pth'}", *extra])
+
+
+def _batch(cfg, b=2):
+    fn, _ = mask_fns(cfg)
+    mask = torch.from_numpy(np.stack([fn(np.random.default_rng(i)) for i in range(b)]))
+    return Batch(video=torch.randn(b, 3, 8, 32, 32, generator=torch.Generator().manual_seed(1)), mask=mask)
+
+
+def test_3d_position_table_splits_time_and_space():
+    table = sincos_3d_table((4, 3, 5), 64)[0].reshape(4, 3, 5, 64)
+    t_part, s_part = table[..., :16], table[..., 16:]
+    assert torch.equal(t_part[:, :1, :1].expand(-1, 3, 5, -1), t_part)  # time channels ignore (h, w)
+    assert torch.equal(s_part[:1].expand(4, -1, -1, -1), s_part)  # space channels ignore t
+    assert torch.allclose(t_part[2, 0, 0, 0], torch.tensor(np.sin(2.0)).float())  # sin(t·ω0), ω0 = 1
+    assert torch.allclose(s_part[0, 0, 3, 0], torch.tensor(np.sin(3.0)).float())  # first spatial block: w
+    assert torch.allclose(s_part[0, 2, 0, 24], torch.tensor(np.sin(2.0)).float())  # second spatial block: h
+
+
+def test_loss_matches_an_independent_computation(teachers):
+    image, video, _ = teachers
+    cfg = _cfg(teachers)
+    method = build_method(cfg).eval()
+    batch = _batch(cfg)
+    out = method(batch)
+    pred_img, pred_vid = method.trainable(batch.video, batch.mask)
+    # teachers by hand: image ViT on frames 0, 2, 4, 6 (last block, no norm, no CLS), video ViT on the clip
+    with torch.no_grad():
+        frames = batch.video[:, :, ::2].permute(0, 2, 1, 3, 4).reshape(8, 3, 32, 32)
+        t_img = image(frames, norm=False)[:, 1:].reshape(2, 4 * 16, 64)
+        t_vid = video(batch.video, norm=False)
+    m = batch.mask
+
+    def smooth_l1(a, b):
+        d = (a - b).abs()
+        return torch.where(d < 1, 0.5 * d ** 2, d - 0.5).mean()
+
+    expect_img = smooth_l1(pred_img, t_img[m].reshape(2, -1, 64))
+    expect_vid = smooth_l1(pred_vid, t_vid[m].reshape(2, -1, 192))
+    assert torch.allclose(out.metrics["loss/image_teacher"], expect_img, atol=1e-6)
+    assert torch.allclose(out.metrics["loss/video_teacher"], expect_vid, atol=1e-6)
+    assert torch.allclose(out.loss, expect_img + expect_vid, atol=1e-6)
+    assert pred_img.shape == (2, int(m[0].sum()), 64) and pred_vid.shape[-1] == 192
+
+
+def test_normalised_targets_and_weights(teachers):
+    cfg = _cfg(teachers, "method.mvd.norm_targets=true", "method.mvd.image_weight=0.0")
+    method = build_method(cfg)
+    img, vid = method.targets(_batch(cfg).video)
+    assert torch.allclose(img.mean(-1), torch.zeros(1), atol=1e-5) and torch.allclose(vid.std(-1), torch.ones(1), atol=0.05)
+    out = method(_batch(cfg))
+    assert torch.allclose(out.loss, out.metrics["loss/video_teacher"])
+
+
+def test_teachers_stay_frozen_and_in_eval(teachers):
+    method = build_method(_cfg(teachers)).train()
+    assert not any(p.requires_grad for p in method.frozen.parameters())
+    assert not any(m.training for m in method.frozen.modules())
+    assert all(p.requires_grad for p in method.trainable.parameters())
+
+
+def test_mvd_overfits_a_fixed_batch(teachers):
+    torch.manual_seed(0)
+    cfg = _cfg(teachers)
+    method = build_method(cfg)
+    batch = _batch(cfg)
+    opt = torch.optim.AdamW(method.trainable.parameters(), lr=2e-3)
+    first = float(method(batch).loss.detach())
+    for _ in range(60):
+        out = method(batch)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    last = float(out.loss.detach())
+    assert last < first / 1.4, (first, last)  # stated factor: 1.4x in 60 steps on a memorised batch
+
+
+def test_missing_teacher_weights_are_a_clear_error(teachers):
+    cfg = _cfg(teachers, "method.mvd.video_teacher_weights=/nowhere/videomae.pth")
+    with pytest.raises(FileNotFoundError, match="/nowhere/videomae.pth"):
+        build_method(cfg)
+    with pytest.raises(ValueError, match="needs a weight file"):
+        build_method(_cfg(teachers, "method.mvd.image_teacher_weights="))
+
+
+@pytest.mark.slow
+def test_mvd_runs_with_two_deepspeed_ranks(shards, teachers, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, _, root = teachers
+    sets = [*STUDENT, "method.mvd.image_teacher=vit2d_micro_patch16",
+            f"method.mvd.image_teacher_weights={root / 'mae_image.pth'}", "method.mvd.video_teacher=vit_tiny_video",
+            f"method.mvd.video_teacher_weights={root / 'videomae.pth'}", "data.batch_size=2", "data.num_workers=1",
+            "optim.lr=2e-3", "optim.warmup_steps=2", "run.log_every=2", "run.ckpt_every=0", "run.max_steps=8",
+            "engine.grad_accum=1", f"data.train={shards}", f"run.out_dir={tmp_path}", "run.name=mvd"]
+    launch(["--config", "mvd_vit_s", *overrides(*sets)])
+    run = tmp_path / "mvd"
+    digests = json.loads((run / "final_digests.json").read_text())
+    assert digests["ranks"][0] == digests["ranks"][1]
+    acc = EventAccumulator(str(run / "tb"))
+    acc.Reload()
+    for tag in ("train/loss", "loss/image_teacher", "loss/video_teacher"):
+        assert len(acc.Scalars(tag)) == 4, tag

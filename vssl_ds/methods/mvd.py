@@ -1,0 +1,82 @@
+"""MVD — masked video distillation (Wang et al., CVPR 2023): a masked video student regresses the features of
+two frozen teachers, an MAE image ViT (per frame, every `tubelet`-th frame) and a VideoMAE video ViT (whole
+clip), with one feature decoder per teacher. Targets: the teachers' last block without its final norm, CLS
+dropped, optionally LayerNorm-ed without parameters; loss on masked tokens in the mask's token order."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+from ..config.schema import Config
+from ..data.batch import Batch
+from ..models import build_encoder
+from ..models.heads import MaskedDecoder
+from ..teachers import build_teacher
+from .base import Method, StepOutput
+
+LOSSES = {"smooth_l1": F.smooth_l1_loss, "l2": F.mse_loss, "l1": F.l1_loss}
+
+
+class MVDStudent(nn.Module):
+    def __init__(self, encoder: nn.Module, image_decoder: nn.Module, video_decoder: nn.Module):
+        super().__init__()
+        self.encoder, self.image_decoder, self.video_decoder = encoder, image_decoder, video_decoder
+
+    def forward(self, video, mask):  # [B,C,T,H,W], [B,N] → ([B,Nm,Di], [B,Nm,Dv])
+        visible = self.encoder(video, mask)
+        return self.image_decoder(visible, mask), self.video_decoder(visible, mask)
+
+
+class MVD(Method):
+    def __init__(self, cfg: Config):
+        m, c = cfg.model, cfg.method.mvd
+        size = c.teacher_size or cfg.data.size
+        image_teacher = build_teacher(c.image_teacher, c.image_teacher_weights,
+                                      **({} if c.image_teacher.startswith("timm:") else {"img_size": size, "patch": m.patch}))
+        video_teacher = build_teacher(c.video_teacher, c.video_teacher_weights, **(
+            {} if c.video_teacher.startswith("timm:") else
+            {"img_size": size, "num_frames": m.num_frames, "tubelet": m.tubelet, "patch": m.patch}))
+        encoder = build_encoder(m)
+        prefix = 1 if getattr(encoder, "cls_token", None) is not None else 0
+        dim = c.decoder_dim or encoder.embed_dim
+        heads = c.decoder_heads or encoder.blocks[0].attn.heads
+
+        def decoder(out_dim):  # MVD: Linear(enc→dec, with bias), mask token, 3D sin-cos positions, blocks, LN, head
+            return MaskedDecoder(encoder.num_patches, encoder.embed_dim, dim, c.decoder_depth, heads, out_dim,
+                                 m.attn_backend, m.grad_ckpt, grid=encoder.grid, embed_bias=True, num_prefix=prefix)
+
+        student = MVDStudent(encoder, decoder(image_teacher.embed_dim), decoder(video_teacher.embed_dim))
+        super().__init__(student, nn.ModuleDict({"image": image_teacher, "video": video_teacher}))
+        self.cfg, self.tubelet, self.teacher_size = c, m.tubelet, c.teacher_size
+
+    @torch.no_grad()
+    def targets(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher features of the unmasked clip, in the student's (t, h, w) token order.  # [B,N,Di], [B,N,Dv]"""
+        if self.teacher_size and self.teacher_size != video.shape[-1]:  # the same crop at the teacher's size
+            b, t = video.shape[0], video.shape[2]
+            frames = F.interpolate(rearrange(video, "b c t h w -> (b t) c h w"), size=self.teacher_size,
+                                   mode="bilinear", align_corners=False, antialias=True)
+            video = rearrange(frames, "(b t) c h w -> b c t h w", b=b, t=t)
+        t = video.shape[2] // self.tubelet
+        frames = rearrange(video[:, :, ::self.tubelet], "b c t h w -> (b t) c h w")  # every tubelet-th frame
+        img = rearrange(self.frozen["image"](frames), "(b t) l d -> b (t l) d", t=t)
+        vid = self.frozen["video"](video)
+        if self.cfg.norm_targets:
+            img, vid = F.layer_norm(img, img.shape[-1:], eps=1e-6), F.layer_norm(vid, vid.shape[-1:], eps=1e-6)
+        return img.float(), vid.float()
+
+    def forward(self, batch: Batch) -> StepOutput:
+        c, mask = self.cfg, batch.mask
+        pred_img, pred_vid = self.student(batch.video, mask)  # [B,Nm,Di], [B,Nm,Dv]
+        img, vid = self.targets(batch.video)
+        b = mask.shape[0]
+        if img.shape[1] != mask.shape[1] or vid.shape[1] != mask.shape[1]:
+            raise ValueError(f"teacher token counts (image {img.shape[1]}, video {vid.shape[1]}) differ from the "
+                             f"student's {mask.shape[1]}: teachers need the same patch grid (see method.mvd.teacher_size)")
+        loss_fn = LOSSES[c.loss]
+        loss_img = loss_fn(pred_img.float(), img[mask].reshape(b, -1, img.shape[-1]))
+        loss_vid = loss_fn(pred_vid.float(), vid[mask].reshape(b, -1, vid.shape[-1]))
+        loss = c.image_weight * loss_img + c.video_weight * loss_vid
+        return StepOutput(loss, {"loss/image_teacher": loss_img.detach(), "loss/video_teacher": loss_vid.detach()})
