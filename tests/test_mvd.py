@@ -137,3 +137,19 @@ def test_mvd_runs_with_two_deepspeed_ranks(shards, teachers, tmp_path):
     acc.Reload()
     for tag in ("train/loss", "loss/image_teacher", "loss/video_teacher"):
         assert len(acc.Scalars(tag)) == 4, tag
+
+
+def test_teachers_at_their_own_input_size(teachers, tmp_path):
+    """A teacher with another patch size (e.g. ViT-H/14 at 196² for a /16 student at 224²) sees the same crop
+    resized, on the same token grid."""
+    torch.manual_seed(3)
+    image = create_model("vit2d_micro_patch16", img_size=28, patch=7)
+    torch.save(image.state_dict(), tmp_path / "img28.pth")
+    video = create_model("vit_tiny_video", img_size=28, num_frames=8, patch=7)
+    torch.save(video.state_dict(), tmp_path / "vid28.pth")
+    cfg = _cfg(teachers, "method.mvd.teacher_size=28", f"method.mvd.image_teacher_weights={tmp_path / 'img28.pth'}",
+               f"method.mvd.video_teacher_weights={tmp_path / 'vid28.pth'}")
+    method = build_method(cfg)
+    img, vid = method.targets(_batch(cfg).video)
+    assert img.shape == (2, 64, 64) and vid.shape == (2, 64, 192)
+    assert torch.isfinite(method(_batch(cfg)).loss)

@@ -33,11 +33,12 @@ class MVD(Method):
     def __init__(self, cfg: Config):
         m, c = cfg.model, cfg.method.mvd
         size = c.teacher_size or cfg.data.size
+        patch = size * m.patch // m.img_size  # the same token grid as the student (e.g. 196 / 14 = 224 / 16)
         image_teacher = build_teacher(c.image_teacher, c.image_teacher_weights,
-                                      **({} if c.image_teacher.startswith("timm:") else {"img_size": size, "patch": m.patch}))
+                                      **({} if c.image_teacher.startswith("timm:") else {"img_size": size, "patch": patch}))
         video_teacher = build_teacher(c.video_teacher, c.video_teacher_weights, **(
             {} if c.video_teacher.startswith("timm:") else
-            {"img_size": size, "num_frames": m.num_frames, "tubelet": m.tubelet, "patch": m.patch}))
+            {"img_size": size, "num_frames": m.num_frames, "tubelet": m.tubelet, "patch": patch}))
         encoder = build_encoder(m)
         prefix = 1 if getattr(encoder, "cls_token", None) is not None else 0
         dim = c.decoder_dim or encoder.embed_dim
