@@ -130,3 +130,17 @@ def test_model_pretrained_initialises_the_methods_encoder(tmp_path):
                                    f"model.pretrained={tmp_path / 'ckpt.pth'}"])
     method = build_method(cfg)
     assert torch.equal(method.trainable.encoder.blocks[1].mlp.fc2.weight, src.blocks[1].mlp.fc2.weight)
+
+
+def test_a_vssl_mae_run_is_an_mvd_video_teacher(tmp_path):
+    """Stage 1 → stage 2: the final_model.pt of a vssl_ds MAE run (encoder.* + decoder.*) loads as a teacher."""
+    from vssl_ds.config.loader import load_config
+    from vssl_ds.methods import build_method
+
+    cfg = load_config("tiny_mae", ["model.name=vit_micro_video", "model.img_size=32", "model.patch=8"])
+    mae = build_method(cfg)
+    torch.save(mae.trainable.state_dict(), tmp_path / "final_model.pt")
+    teacher = build_teacher("vit_micro_video", weights=str(tmp_path / "final_model.pt"), img_size=32, num_frames=8,
+                            patch=8)
+    x = torch.randn(1, 3, 8, 32, 32)
+    assert torch.allclose(teacher(x), mae.trainable.encoder.eval()(x, norm=False))
