@@ -65,6 +65,7 @@ class ModelConfig:
     grad_ckpt: bool = False  # activation checkpointing per block
     pretrained: str = ""  # local weight file (.pth/.safetensors) loaded into the encoder
     pos_embed: str = "sincos"  # sincos (VideoMAE's 1D table) | sincos3d (MVD's) | learned
+    window: list[int] = field(default_factory=lambda: [8, 7, 7])  # Swin: attention window (t, h, w) in tokens
 
 
 @dataclass
@@ -98,10 +99,23 @@ class MVDConfig:
 
 
 @dataclass
+class BEVTConfig:
+    """BEVT (Wang et al., CVPR 2022); values follow the official config swin_base_patch244_window877_bevt_in1k_k400."""
+    mask_ratio: float = 0.5  # video: one blockwise mask of 98 of 196 cells (16-px cells), over a 50–100 % tube
+    image_mask_ratio: float = 0.5  # image: blockwise, 98 of 196
+    min_block: int = 16  # smallest masked block, in cells (BEiT)
+    tokenizer: str = "dalle"  # dalle (DALL-E dVAE encoder state dict) | kmeans (tools/fit_tokenizer.py)
+    tokenizer_weights: str = ""
+    video_weight: float = 1.0
+    image_weight: float = 1.0
+
+
+@dataclass
 class MethodConfig:
     name: str = "mae"
     mae: MAEConfig = field(default_factory=MAEConfig)
     mvd: MVDConfig = field(default_factory=MVDConfig)
+    bevt: BEVTConfig = field(default_factory=BEVTConfig)
 
 
 @dataclass
@@ -147,7 +161,8 @@ CHOICES = {
     "data.decoder": ("decord", "pyav", "torchcodec"),
     "data.view": ("clip", "scale_crop", "long_short", "frame_pair"),
     "model.attn_backend": ("auto", "xformers", "sdpa", "math"),
-    "method.name": ("mae", "mvd"),
+    "method.name": ("mae", "mvd", "bevt"),
+    "method.bevt.tokenizer": ("dalle", "kmeans"),
     "method.mvd.mask": ("tube", "random"),
     "method.mvd.loss": ("smooth_l1", "l2", "l1"),
     "method.mvd.targets": ("online",),

@@ -17,7 +17,13 @@ def _mvd(cfg: Config) -> Method:
     return MVD(cfg)
 
 
-METHODS = {"mae": _mae, "mvd": _mvd}
+def _bevt(cfg: Config) -> Method:
+    from .bevt import BEVT
+
+    return BEVT(cfg)
+
+
+METHODS = {"mae": _mae, "mvd": _mvd, "bevt": _bevt}
 
 
 def build_method(cfg: Config) -> Method:
@@ -33,11 +39,18 @@ def token_grid(cfg: Config) -> tuple[int, int, int]:
 
 def mask_fns(cfg: Config):
     """The masks the method needs, drawn in the data workers: (video mask, image mask); None = no mask."""
-    from ..data.masking import mask_fn
+    from functools import partial
+
+    from ..data.masking import MASKS, mask_fn
 
     if cfg.method.name in ("mae", "mvd"):
         section = getattr(cfg.method, cfg.method.name)
         return mask_fn(section.mask, token_grid(cfg), section.mask_ratio), None
+    if cfg.method.name == "bevt":  # masks on 16-px cells: the grid of Swin's stage 3 and of the tokenizer
+        b, m = cfg.method.bevt, cfg.model
+        cells = (m.num_frames // m.tubelet, m.img_size // 16, m.img_size // 16)
+        return (partial(MASKS["block_tube"], cells, b.mask_ratio, min_block=b.min_block),
+                partial(MASKS["block"], cells[1:], b.image_mask_ratio, min_block=b.min_block))
     return None, None
 
 

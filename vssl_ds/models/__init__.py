@@ -9,14 +9,17 @@ from . import swin3d, vit, vit2d, vit_divided  # noqa: E402,F401  (register thei
 __all__ = ["create_model", "list_models", "register_model"]
 
 
-def build_encoder(m) -> "torch.nn.Module":  # noqa: F821
+def build_encoder(m, **extra) -> "torch.nn.Module":  # noqa: F821
     """The encoder a `ModelConfig` describes, with `m.pretrained` (a local file in any supported format,
     see weights.py) loaded into it."""
     import logging
 
     from .weights import load_pretrained
 
-    extra = {"pos_embed": m.pos_embed} if m.pos_embed != "sincos" else {}  # only the ViTs take it
+    if m.pos_embed != "sincos":  # only the ViTs take it
+        extra["pos_embed"] = m.pos_embed
+    if m.name.startswith("swin3d") and list(m.window) != [8, 7, 7]:
+        extra["window"] = tuple(m.window)
     model = create_model(m.name, img_size=m.img_size, num_frames=m.num_frames, tubelet=m.tubelet, patch=m.patch,
                          drop_path=m.drop_path, attn_backend=m.attn_backend, grad_ckpt=m.grad_ckpt, **extra)
     if m.pretrained:

@@ -147,11 +147,11 @@ class SwinStage(nn.Module):
 
 
 class SwinPatchEmbed3D(nn.Module):
-    def __init__(self, patch, in_chans, dim):
+    def __init__(self, patch, in_chans, dim, norm=True):
         super().__init__()
         self.patch = tuple(patch)
         self.proj = nn.Conv3d(in_chans, dim, kernel_size=patch, stride=patch)
-        self.norm = nn.LayerNorm(dim)
+        self.norm = nn.LayerNorm(dim) if norm else nn.Identity()
 
     def forward(self, x):  # [B,C,T,H,W] → [B,D',H',W',C]
         pad = [(-n) % p for n, p in zip(x.shape[2:], self.patch)]
@@ -159,13 +159,28 @@ class SwinPatchEmbed3D(nn.Module):
         return self.norm(self.proj(x).permute(0, 2, 3, 4, 1))
 
 
+class SwinPatchEmbed2D(nn.Module):
+    """BEVT's separate image patch embedding; images then run through the same stages as a 1-frame clip."""
+
+    def __init__(self, patch, in_chans, dim, norm=True):
+        super().__init__()
+        self.patch = patch
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch, stride=patch)
+        self.norm = nn.LayerNorm(dim) if norm else nn.Identity()
+
+    def forward(self, x):  # [B,C,H,W] → [B,1,H',W',C]
+        x = F.pad(x, (0, (-x.shape[3]) % self.patch, 0, (-x.shape[2]) % self.patch))
+        return self.norm(self.proj(x).permute(0, 2, 3, 1)).unsqueeze(1)
+
+
 class VideoSwin(nn.Module):
     def __init__(self, img_size=224, num_frames=16, tubelet=2, patch=4, in_chans=3, embed_dim=128,
                  depths=(2, 2, 18, 2), heads=(4, 8, 16, 32), window=(8, 7, 7), drop_path=0.0, attn_backend="auto",
-                 grad_ckpt=False, mask_token=True):
+                 grad_ckpt=False, mask_token=True, patch_norm=True, image_embed=False):
         super().__init__()
         self.patch_size = (tubelet, patch, patch)
-        self.patch_embed = SwinPatchEmbed3D(self.patch_size, in_chans, embed_dim)
+        self.patch_embed = SwinPatchEmbed3D(self.patch_size, in_chans, embed_dim, patch_norm)
+        self.patch_embed_2d = SwinPatchEmbed2D(patch, in_chans, embed_dim, patch_norm) if image_embed else None
         self.grid = (math.ceil(num_frames / tubelet), math.ceil(img_size / patch), math.ceil(img_size / patch))
         self.num_patches = self.grid[0] * self.grid[1] * self.grid[2]
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if mask_token else None
@@ -184,10 +199,16 @@ class VideoSwin(nn.Module):
             nn.init.trunc_normal_(self.mask_token, std=0.02)
 
     def forward(self, video, mask=None, stages: bool = False):
-        """video [B,C,T,H,W]; mask [B,N] (True = replaced by the mask token) on the patch grid or on a coarser
-        spatial grid (e.g. BEVT's 8×14×14 for a 8×56×56 patch grid) → [B,C',T',H'/8,W'/8] after the final norm,
-        or with `stages=True` the output of every stage ([B,Ci,T',Hi,Wi]; the last one normed)."""
-        x = self.patch_embed(video.to(self.patch_embed.proj.weight.dtype))  # [B,D,H,W,C]
+        """video [B,C,T,H,W] (or an image [B,C,H,W] when built with `image_embed`); mask [B,N] (True = replaced by
+        the mask token) on the patch grid or on a coarser spatial grid (e.g. BEVT's 8×14×14 for a 8×56×56 patch
+        grid) → [B,C',T',H'/8,W'/8] after the final norm, or with `stages=True` the raw output of every stage
+        ([B,Ci,T',Hi,Wi], before any final norm: BEVT's head applies `self.norm` itself)."""
+        if video.dim() == 4:
+            if self.patch_embed_2d is None:
+                raise ValueError("an image input needs a Swin built with image_embed=True")
+            x = self.patch_embed_2d(video.to(self.patch_embed_2d.proj.weight.dtype))  # [B,1,H,W,C]
+        else:
+            x = self.patch_embed(video.to(self.patch_embed.proj.weight.dtype))  # [B,D,H,W,C]
         if mask is not None:
             if self.mask_token is None:
                 raise ValueError("this Swin was built with mask_token=False")
@@ -196,9 +217,9 @@ class VideoSwin(nn.Module):
         for layer in self.layers:
             out, x = layer(x)
             outs.append(out)
-        outs[-1] = self.norm(outs[-1])
-        outs = [o.permute(0, 4, 1, 2, 3).contiguous() for o in outs]
-        return outs if stages else outs[-1]
+        if stages:
+            return [o.permute(0, 4, 1, 2, 3).contiguous() for o in outs]
+        return self.norm(outs[-1]).permute(0, 4, 1, 2, 3).contiguous()
 
     @staticmethod
     def _upsample_mask(mask, grid):

@@ -1,0 +1,151 @@
+"""BEVT: tokenizers (DALL-E encoder architecture, k-means fitted offline), the loss against an independent
+computation, overfitting a fixed batch, and a 2-rank DeepSpeed run with an image and a video stream."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import launch, overrides
+from vssl_ds.config.loader import load_config
+from vssl_ds.data.batch import Batch
+from vssl_ds.methods import build_method, mask_fns
+from vssl_ds.teachers.tokenizers import DalleEncoder, KMeansTokenizer, build_tokenizer, fit_kmeans
+
+TINY = ["model.name=swin3d_micro", "model.img_size=64", "model.num_frames=4", "model.window=[2,4,4]",
+        "data.size=64", "data.num_frames=4", "method.bevt.tokenizer=kmeans", "method.bevt.min_block=2"]
+
+
+@pytest.fixture(scope="module")
+def kmeans_file(tmp_path_factory):
+    torch.manual_seed(0)
+    codebook = fit_kmeans(KMeansTokenizer.patches(torch.rand(32, 3, 32, 32), 8).flatten(0, 1), 16, iters=5)
+    path = tmp_path_factory.mktemp("tok") / "kmeans.pt"
+    torch.save({"codebook": codebook, "patch": 8}, path)
+    return path
+
+
+def _method(kmeans_file, *extra):
+    return build_method(load_config("bevt_swin_b", [*TINY, f"method.bevt.tokenizer_weights={kmeans_file}", *extra]))
+
+
+def _batch(method_cfg):
+    vf, imf = mask_fns(method_cfg)
+    g = torch.Generator().manual_seed(0)
+    return Batch(video=torch.randn(2, 3, 4, 64, 64, generator=g),
+                 mask=torch.from_numpy(np.stack([vf(np.random.default_rng(i)) for i in range(2)])),
+                 image=torch.randn(3, 3, 64, 64, generator=g),
+                 image_mask=torch.from_numpy(np.stack([imf(np.random.default_rng(9 + i)) for i in range(3)])))
+
+
+def test_dalle_encoder_architecture_and_offline_loading(tmp_path):
+    full = DalleEncoder()
+    names = dict(full.named_parameters())
+    assert {"blocks.input.w", "blocks.group_1.block_1.res_path.conv_1.w", "blocks.group_2.block_1.id_path.w",
+            "blocks.group_4.block_2.res_path.conv_4.b", "blocks.output.conv.w"} <= set(names)
+    assert names["blocks.output.conv.w"].shape == (8192, 2048, 1, 1) and names["blocks.input.w"].shape == (256, 3, 7, 7)
+    small = DalleEncoder(n_hid=16, vocab_size=64)
+    torch.save(small.state_dict(), tmp_path / "dalle.pt")
+    tok = build_tokenizer("dalle", str(tmp_path / "dalle.pt"))
+    x = torch.rand(2, 3, 112, 112)
+    ids = tok(x)
+    assert ids.shape == (2, 14 * 14) and ids.max() < 64  # 112² → 14×14 codes
+    assert torch.equal(ids, small.eval()(x)) and not any(p.requires_grad for p in tok.parameters())
+    with pytest.raises(FileNotFoundError, match="fit one with tools/fit_tokenizer.py"):
+        build_tokenizer("dalle", str(tmp_path / "missing.pt"))
+
+
+def test_kmeans_recovers_clusters():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(4, 12, generator=g) * 10
+    points = torch.cat([c + 0.1 * torch.randn(50, 12, generator=g) for c in centers])
+    found = fit_kmeans(points, 4, iters=10)
+    assert torch.cdist(centers, found).min(1).values.max() < 0.5
+
+
+def test_loss_matches_an_independent_computation(kmeans_file):
+    method = _method(kmeans_file).eval()
+    batch = _batch(load_config("bevt_swin_b", [*TINY, f"method.bevt.tokenizer_weights={kmeans_file}"]))
+    out = method(batch)
+    logits_vid, logits_img = method.trainable(batch.video, batch.mask, batch.image, batch.image_mask)
+    # targets by hand: un-normalise, halve the resolution, nearest code per normalised 8×8 patch
+    tok = method.frozen
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+    def ids(frames):
+        px = torch.nn.functional.interpolate((frames * std + mean).clamp(0, 1), size=32, mode="bilinear",
+                                             antialias=True, align_corners=False)
+        p = KMeansTokenizer.patches(px, 8)
+        return torch.cdist(p, tok.codebook.expand(len(p), -1, -1)).argmin(-1)
+
+    ids_vid = ids(batch.video.permute(0, 2, 1, 3, 4).reshape(8, 3, 64, 64)).reshape(2, 4, 16)  # 4 frames x 4x4
+    mask_vid = batch.mask.reshape(2, 2, 16)[:, [0, 0, 1, 1]]  # each of the 2 mask slots covers 2 frames
+    lv = logits_vid.reshape(2, 4, 16, -1)
+
+    def ce(logits, target):
+        return -logits.log_softmax(-1).gather(-1, target[:, None]).mean()
+
+    expect_vid = ce(lv[mask_vid], ids_vid[mask_vid])
+    expect_img = ce(logits_img[batch.image_mask], ids(batch.image)[batch.image_mask])
+    assert torch.allclose(out.metrics["loss/video_tokens"], expect_vid, atol=1e-5)
+    assert torch.allclose(out.metrics["loss/image_tokens"], expect_img, atol=1e-5)
+    assert torch.allclose(out.loss, expect_vid + expect_img, atol=1e-5)
+
+
+def test_bevt_overfits_a_fixed_batch(kmeans_file):
+    torch.manual_seed(0)
+    cfg = load_config("bevt_swin_b", [*TINY, f"method.bevt.tokenizer_weights={kmeans_file}"])
+    method = build_method(cfg)
+    batch = _batch(cfg)
+    opt = torch.optim.AdamW(method.trainable.parameters(), lr=2e-3)
+    first = float(method(batch).loss.detach())
+    for _ in range(30):
+        out = method(batch)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    last = float(out.loss.detach())
+    assert last < first / 3, (first, last)  # stated factor: 3x in 30 steps on a memorised batch
+
+
+def test_bevt_needs_a_swin_and_an_image_stream(kmeans_file):
+    with pytest.raises(ValueError, match="Video Swin"):
+        _method(kmeans_file, "model.name=vit_micro_video", "model.patch=16")
+    method = _method(kmeans_file)
+    cfg = load_config("bevt_swin_b", [*TINY, f"method.bevt.tokenizer_weights={kmeans_file}"])
+    batch = _batch(cfg)
+    batch.image = None
+    with pytest.raises(ValueError, match="data.images"):
+        method(batch)
+
+
+def test_fit_tokenizer_tool(shards, tmp_path):
+    from vssl_ds.tools.fit_tokenizer import main
+
+    out = tmp_path / "tok.pt"
+    assert main([str(shards), str(out), "--codes", "8", "--frames", "40", "--size", "32", "--short-range", "32", "40",
+                 "--iters", "3", "--workers", "1"]) == 0
+    tok = build_tokenizer("kmeans", str(out))
+    assert tok.vocab_size == 8 and tok(torch.rand(1, 3, 16, 16)).shape == (1, 4)
+
+
+@pytest.mark.slow
+def test_bevt_runs_with_two_deepspeed_ranks(shards, image_shards, kmeans_file, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tok = tmp_path / "tok.pt"
+    torch.save({"codebook": fit_kmeans(torch.randn(400, 192), 16, iters=3), "patch": 8}, tok)
+    sets = ["model.name=swin3d_micro", "model.img_size=32", "model.num_frames=4", "model.window=[2,4,4]",
+            "data.size=32", "data.num_frames=4", "data.sampling_rate=2", "data.short_range=[32,40]",
+            "data.batch_size=2", "data.image_batch_size=2", f"data.images={image_shards}", "data.num_workers=1",
+            "method.bevt.tokenizer=kmeans", f"method.bevt.tokenizer_weights={tok}", "method.bevt.min_block=1",
+            "optim.warmup_epochs=0", "optim.warmup_steps=2", "run.log_every=2", "run.ckpt_every=0", "run.max_steps=6",
+            "engine.grad_accum=1", f"data.train={shards}", f"run.out_dir={tmp_path}", "run.name=bevt"]
+    launch(["--config", "bevt_swin_b", *overrides(*sets)])
+    run = tmp_path / "bevt"
+    digests = json.loads((run / "final_digests.json").read_text())
+    assert digests["ranks"][0] == digests["ranks"][1]
+    acc = EventAccumulator(str(run / "tb"))
+    acc.Reload()
+    for tag in ("train/loss", "loss/video_tokens", "loss/image_tokens"):
+        assert len(acc.Scalars(tag)) == 3, tag

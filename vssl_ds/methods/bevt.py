@@ -1,0 +1,89 @@
+"""BEVT — BERT pretraining of video transformers (Wang et al., CVPR 2022): a Video Swin with mask tokens predicts
+the visual-tokenizer ids of masked cells, for an image stream and a video stream in every step.
+
+Head (as in the official code): stage-3 features ⊕ stage-4 features upsampled ×2 in space → Linear → (video:
+×2 in time, back to the input frame count) → the backbone's final LayerNorm → Linear to the vocabulary, shared
+by both streams. Targets: the frozen tokenizer on a half-resolution copy of each frame (112² for 224²)."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+from ..config.schema import Config
+from ..data.batch import Batch
+from ..models import build_encoder
+from ..teachers.tokenizers import build_tokenizer
+from .base import Method, StepOutput
+
+
+class BEVTStudent(nn.Module):
+    def __init__(self, encoder: nn.Module, vocab: int):
+        super().__init__()
+        c4 = encoder.num_features
+        c3 = encoder.stage_dims[-2]
+        self.encoder = encoder
+        self.fpn_s = nn.ConvTranspose3d(c4, c4, kernel_size=(1, 2, 2), stride=(1, 2, 2))
+        self.lm_down_st = nn.Linear(c4 + c3, c4)
+        self.fpn_t = nn.ConvTranspose3d(c4, c4, kernel_size=(2, 1, 1), stride=(2, 1, 1))
+        self.fpn = nn.ConvTranspose2d(c4, c4, kernel_size=2, stride=2)
+        self.lm_down = nn.Linear(c4 + c3, c4)
+        self.lm_head = nn.Linear(c4, vocab)
+        nn.init.trunc_normal_(self.lm_head.weight, std=0.02)
+        nn.init.zeros_(self.lm_head.bias)
+
+    def forward(self, video, mask, image, image_mask):
+        """→ logits per cell: video [B,T*h*w,V] (T = input frames), image [Bi,h*w,V]"""
+        *_, x3, x4 = self.encoder(video, mask, stages=True)  # [B,C3,T',h,w], [B,C4,T',h/2,w/2]
+        x = torch.cat([x3, self.fpn_s(x4)], 1)  # [B,C3+C4,T',h,w]
+        x = self.lm_down_st(rearrange(x, "b c t h w -> b t h w c"))
+        x = self.fpn_t(rearrange(x, "b t h w c -> b c t h w"))  # [B,C4,2T',h,w]
+        vid = self.lm_head(self.encoder.norm(rearrange(x, "b c t h w -> b (t h w) c")))
+        *_, y3, y4 = self.encoder(image, image_mask, stages=True)  # [Bi,C3,1,h,w], [Bi,C4,1,h/2,w/2]
+        y = torch.cat([y3[:, :, 0], self.fpn(y4[:, :, 0])], 1)  # [Bi,C3+C4,h,w]
+        img = self.lm_head(self.encoder.norm(self.lm_down(rearrange(y, "b c h w -> b (h w) c"))))
+        return vid, img
+
+
+class BEVT(Method):
+    def __init__(self, cfg: Config):
+        c, m = cfg.method.bevt, cfg.model
+        if not m.name.startswith("swin3d"):
+            raise ValueError(f"BEVT needs a Video Swin backbone (model.name=swin3d_*), got model.name={m.name}")
+        tokenizer = build_tokenizer(c.tokenizer, c.tokenizer_weights)
+        encoder = build_encoder(m, image_embed=True)
+        super().__init__(BEVTStudent(encoder, tokenizer.vocab_size), tokenizer)
+        self.cfg, self.tok_size = c, m.img_size // 2  # the tokenizer sees a half-size copy (112² for 224²)
+        self.register_buffer("mean", torch.tensor(cfg.data.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(cfg.data.std).view(1, 3, 1, 1), persistent=False)
+
+    @torch.no_grad()
+    def token_ids(self, frames: torch.Tensor) -> torch.Tensor:
+        """normalised frames [B,3,H,W] → token ids [B,(H/16)*(W/16)]"""
+        pixels = (frames.float() * self.std + self.mean).clamp(0, 1)
+        pixels = F.interpolate(pixels, size=self.tok_size, mode="bilinear", align_corners=False, antialias=True)
+        return self.frozen(pixels)
+
+    def forward(self, batch: Batch) -> StepOutput:
+        if batch.image is None:
+            raise ValueError("BEVT trains on an image stream next to the videos: set data.images and "
+                             "data.image_batch_size")
+        c, video = self.cfg, batch.video
+        b, t = video.shape[0], video.shape[2]
+        logits_vid, logits_img = self.student(video, batch.mask, batch.image, batch.image_mask)
+        ids_vid = self.token_ids(rearrange(video, "b c t h w -> (b t) c h w")).reshape(b, -1)  # [B,T*h*w]
+        ids_img = self.token_ids(batch.image)  # [Bi,h*w]
+        cells = batch.mask.shape[1] // (t // 2)
+        mask_vid = batch.mask.reshape(b, t // 2, cells).repeat_interleave(2, dim=1).reshape(b, -1)  # doubled in time
+        if ids_vid.shape != mask_vid.shape or ids_img.shape != batch.image_mask.shape:
+            raise ValueError(f"tokenizer grid {tuple(ids_img.shape[1:])} does not match the mask grid "
+                             f"{tuple(batch.image_mask.shape[1:])}: the tokenizer must downsample by 8")
+        loss_vid = F.cross_entropy(logits_vid[mask_vid].float(), ids_vid[mask_vid])
+        loss_img = F.cross_entropy(logits_img[batch.image_mask].float(), ids_img[batch.image_mask])
+        with torch.no_grad():
+            acc_vid = (logits_vid[mask_vid].argmax(-1) == ids_vid[mask_vid]).float().mean()
+            acc_img = (logits_img[batch.image_mask].argmax(-1) == ids_img[batch.image_mask]).float().mean()
+        loss = c.video_weight * loss_vid + c.image_weight * loss_img
+        return StepOutput(loss, {"loss/video_tokens": loss_vid.detach(), "loss/image_tokens": loss_img.detach(),
+                                 "acc/video_tokens": acc_vid, "acc/image_tokens": acc_img})
