@@ -73,3 +73,17 @@ def image_shards(tmp_path_factory) -> Path:
     assert make_shards([str(root / "src"), str(root / "shards"), "--kind", "image", "--prefix", "img",
                         "--max-per-shard", "10", "--workers", "1"]) == 0
     return root / "shards" / "manifest.json"
+
+
+def overfit(method, batch, steps: int, lr: float) -> tuple[float, float]:
+    """AdamW on one fixed batch for `steps` steps → (first loss, last loss)."""
+    import torch
+
+    opt = torch.optim.AdamW(method.param_groups(0.0), lr=lr)
+    first = float(method(batch).loss.detach())
+    for _ in range(steps):
+        out = method(batch)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    return first, float(out.loss.detach())

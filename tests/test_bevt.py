@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import launch, overrides
+from conftest import launch, overfit, overrides
 from vssl_ds.config.loader import load_config
 from vssl_ds.data.batch import Batch
 from vssl_ds.methods import build_method, mask_fns
@@ -97,14 +97,7 @@ def test_bevt_overfits_a_fixed_batch(kmeans_file):
     cfg = load_config("bevt_swin_b", [*TINY, f"method.bevt.tokenizer_weights={kmeans_file}"])
     method = build_method(cfg)
     batch = _batch(cfg)
-    opt = torch.optim.AdamW(method.trainable.parameters(), lr=2e-3)
-    first = float(method(batch).loss.detach())
-    for _ in range(30):
-        out = method(batch)
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
-    last = float(out.loss.detach())
+    first, last = overfit(method, batch, steps=30, lr=2e-3)
     assert last < first / 3, (first, last)  # stated factor: 3x in 30 steps on a memorised batch
 
 
