@@ -82,7 +82,8 @@ def test_loss_matches_an_independent_computation(teachers):
 def test_normalised_targets_and_weights(teachers):
     cfg = _cfg(teachers, "method.mvd.norm_targets=true", "method.mvd.image_weight=0.0")
     method = build_method(cfg)
-    img, vid = method.targets(_batch(cfg).video)
+    t = method.frozen(_batch(cfg).video)
+    img, vid = t["img"], t["vid"]
     assert torch.allclose(img.mean(-1), torch.zeros(1), atol=1e-5) and torch.allclose(vid.std(-1), torch.ones(1), atol=0.05)
     out = method(_batch(cfg))
     assert torch.allclose(out.loss, out.metrics["loss/video_teacher"])
@@ -143,6 +144,7 @@ def test_teachers_at_their_own_input_size(teachers, tmp_path):
     cfg = _cfg(teachers, "method.mvd.teacher_size=28", f"method.mvd.image_teacher_weights={tmp_path / 'img28.pth'}",
                f"method.mvd.video_teacher_weights={tmp_path / 'vid28.pth'}")
     method = build_method(cfg)
-    img, vid = method.targets(_batch(cfg).video)
+    t = method.frozen(_batch(cfg).video)
+    img, vid = t["img"], t["vid"]
     assert img.shape == (2, 64, 64) and vid.shape == (2, 64, 192)
     assert torch.isfinite(method(_batch(cfg)).loss)

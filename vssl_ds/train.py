@@ -20,7 +20,7 @@ from .engine import dist
 from .engine.checkpoint import rng_state, set_rng_state
 from .engine.schedules import build_schedules
 from .logging import Scalars, device_peak_tflops, peak_memory_gib, setup_console
-from .methods import build_method, mask_fns
+from .methods import build_method, cache_targets, mask_fns
 
 log = logging.getLogger("vssl_ds.train")
 
@@ -76,7 +76,7 @@ class Trainer:
         self.run_dir = Path(cfg.run.out_dir) / cfg.run.name
         self.ckpt_dir = self.run_dir / "checkpoints"
         d = cfg.data
-        self.loader, samples = build_loader(d, *mask_fns(cfg), self.rank, self.world, cfg.run.seed)
+        self.loader, samples = build_loader(d, *mask_fns(cfg), self.rank, self.world, cfg.run.seed, cache_targets(cfg))
 
         self.accum = cfg.engine.grad_accum
         self.global_batch = d.batch_size * self.world * self.accum

@@ -45,6 +45,7 @@ class DataConfig:
     long_stride: int = 8  # long_short: stride of the long clip
     max_gap: int = 16  # frame_pair: most frames between the two frames
     short_range: list[int] = field(default_factory=lambda: [256, 320])  # scale_crop: short side before the crop
+    targets: str = ""  # teacher-target cache (folder or targets.json from tools/cache_teachers.py), joined by key
     images: str = ""  # image shards for an image stream next to the videos (BEVT)
     image_batch_size: int = 0  # images per device per micro-step (0 = no image stream)
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
@@ -95,7 +96,7 @@ class MVDConfig:
     video_weight: float = 1.0
     norm_targets: bool = False  # parameter-free LayerNorm on the teacher features
     loss: str = "smooth_l1"  # smooth_l1 | l2 | l1
-    targets: str = "online"  # online: run the teachers in the step (the teacher cache is issue 6)
+    targets: str = "online"  # online: teachers run in the step | cache: read them from data.targets
 
 
 @dataclass
@@ -165,7 +166,7 @@ CHOICES = {
     "method.bevt.tokenizer": ("dalle", "kmeans"),
     "method.mvd.mask": ("tube", "random"),
     "method.mvd.loss": ("smooth_l1", "l2", "l1"),
-    "method.mvd.targets": ("online",),
+    "method.mvd.targets": ("online", "cache"),
     "model.pos_embed": ("sincos", "sincos3d", "learned"),
     "method.mae.mask": ("tube", "random", "block_tube"),
     "engine.zero_stage": (0, 1, 2, 3),

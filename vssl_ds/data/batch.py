@@ -43,7 +43,7 @@ class Batch:
             return cls(image=item["image"], image_mask=item.get("mask"), label=item.get("label"),
                        keys=item.get("keys", []))
         return cls(video=item.get("video"), mask=item.get("mask"), label=item.get("label"),
-                   keys=item.get("keys", []), views=item.get("views", {}))
+                   keys=item.get("keys", []), views=item.get("views", {}), targets=item.get("targets", {}))
 
     def with_images(self, images: "Batch") -> "Batch":
         """This video batch joined with a batch of the image stream (BEVT: both streams every step)."""

@@ -3,6 +3,7 @@ stream joined batch by batch (BEVT trains on both in every step)."""
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 from typing import Iterator
 
 from ..config.schema import DataConfig
@@ -20,12 +21,17 @@ def view_from(d: DataConfig, kind: str | None = None) -> View:
 
 
 def stream(d: DataConfig, spec: str, view: View, batch_size: int, mask_fn, rank: int, world: int,
-           seed: int) -> tuple[OrderedLoader, int]:
+           seed: int, cache_targets=()) -> tuple[OrderedLoader, int]:
     """→ (loader, samples per epoch over all ranks)."""
     shards = resolve_shards(spec)
     samples = d.epoch_size or samples_per_epoch(shards, 0)  # errors when neither says how long an epoch is
+    cache = ""
+    if cache_targets:
+        if not d.targets:
+            raise ValueError("cached teacher targets need data.targets (the folder tools/cache_teachers.py wrote)")
+        cache = str(Path(d.targets).parent if d.targets.endswith(".json") else Path(d.targets))
     ds = ShardStream(shards, view, batch_size, mask_fn, rank, world, seed, decoder_order(d.decoder),
-                     d.shuffle_buffer, d.resampled, samples)
+                     d.shuffle_buffer, d.resampled, samples, cache, cache_targets)
     return OrderedLoader(ds, d.num_workers, d.prefetch, d.pin_memory), samples
 
 
@@ -73,11 +79,11 @@ class JointLoader:
             images.close()  # stop the image workers with this epoch; the next one resumes from the state
 
 
-def build_loader(d: DataConfig, mask_fn, image_mask_fn, rank: int, world: int, seed: int):
+def build_loader(d: DataConfig, mask_fn, image_mask_fn, rank: int, world: int, seed: int, cache_targets=()):
     """→ (loader, samples per epoch over all ranks)."""
     if not d.train:
         raise ValueError("data.train is empty: give a manifest.json, a brace pattern or shard URLs")
-    videos, samples = stream(d, d.train, view_from(d), d.batch_size, mask_fn, rank, world, seed)
+    videos, samples = stream(d, d.train, view_from(d), d.batch_size, mask_fn, rank, world, seed, cache_targets)
     if d.image_batch_size <= 0:
         return videos, samples
     if not d.images:

@@ -13,6 +13,7 @@ import logging
 import signal
 import zlib
 from collections import Counter, deque
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -26,6 +27,7 @@ from .sampling import ShortVideo
 from .shards import Shard, epoch_order, split
 from .sources import IMAGE_EXTS, VIDEO_EXTS
 from .transforms import apply_view
+from .targets import decode_targets
 from .views import View
 
 log = logging.getLogger(__name__)
@@ -45,7 +47,7 @@ class ShardStream(IterableDataset):
 
     def __init__(self, shards: list[Shard], view: View, batch_size: int, mask_fn=None, rank: int = 0,
                  world: int = 1, seed: int = 0, decoders=("decord", "pyav"), shuffle_buffer: int = 0,
-                 resampled: bool = False, epoch_samples: int = 0):
+                 resampled: bool = False, epoch_samples: int = 0, cache: str = "", cache_targets=()):
         if view.repeats > 1 and batch_size % view.repeats:
             raise ValueError(f"data.batch_size ({batch_size}) must be a multiple of data.repeats ({view.repeats}) "
                              "so that no video's repeats are split across a checkpoint")
@@ -54,6 +56,7 @@ class ShardStream(IterableDataset):
         self.shards, self.view, self.batch_size, self.mask_fn = shards, view, batch_size, mask_fn
         self.rank, self.world, self.seed, self.decoders = rank, world, seed, tuple(decoders)
         self.shuffle_buffer, self.resampled, self.epoch_samples = shuffle_buffer, resampled, epoch_samples
+        self.cache, self.cache_targets = cache, tuple(cache_targets)  # teacher-target shards, joined by key
         self.epoch, self.start = 0, {}
 
     def set_epoch(self, epoch: int, start: dict[int, int] | None = None) -> None:
@@ -71,6 +74,22 @@ class ShardStream(IterableDataset):
                         "write more shards than ranks x workers", self.rank, worker, len(self.shards),
                         self.world, num_workers)
         yield from mine
+
+    def _raw(self, shards: Iterator[Shard], on_error) -> Iterator[dict]:
+        """Raw samples; with a teacher cache, each joined with its target entry (same shard name, same order)."""
+        if not self.cache:
+            yield from tarfile_samples(({"url": s.url} for s in shards), handler=on_error)
+            return
+        for shard in shards:
+            target_url = str(Path(self.cache) / Path(shard.url).name)
+            targets = tarfile_samples([{"url": target_url}], handler=on_error)
+            for raw in tarfile_samples([{"url": shard.url}], handler=on_error):
+                entry = next(targets, None)
+                if entry is None or entry["__key__"] != raw["__key__"]:
+                    raise KeyError(f"teacher cache has no entry for sample '{raw['__key__']}' of shard {shard.url} "
+                                   f"(looked in {target_url}{', found ' + entry['__key__'] if entry else ''}): the "
+                                   "cache was made from other shards; rebuild it with tools/cache_teachers.py")
+                yield {**entry, **raw}
 
     def _shuffled(self, raws: Iterator[dict], worker: int) -> Iterator[dict]:
         """A sample shuffle buffer whose order depends only on (seed, epoch, rank, worker): replayable."""
@@ -99,9 +118,17 @@ class ShardStream(IterableDataset):
                         sorted(k for k in raw if not k.startswith("__")))
             return []
         picks: list[np.ndarray] = []
+        replay = self._replay(raw, faults) if self.cache else None
+        if self.cache and replay is None:
+            return []
 
         def pick(n: int) -> np.ndarray:  # all clips of all repeats, decoded once
-            picks.extend(c for _ in range(self.view.repeats) for c in self.view.pick(n, rng))
+            if replay is not None:  # the cached view: exactly the frames the teachers saw
+                picks.extend(np.asarray(f) for f in replay["frames"])
+                if max(int(p.max()) for p in picks) >= n:
+                    raise DecodeError(f"cached view wants frame {max(int(p.max()) for p in picks)} of {n}")
+            else:
+                picks.extend(c for _ in range(self.view.repeats) for c in self.view.pick(n, rng))
             return np.unique(np.concatenate(picks))
 
         try:
@@ -124,15 +151,30 @@ class ShardStream(IterableDataset):
         where = {int(i): k for k, i in enumerate(indices)}
         label, names, out = _label(raw), self.view.names(), []
         per = len(names)
-        for r in range(self.view.repeats):
+        for r in range(1 if replay is not None else self.view.repeats):
             clips = picks[r * per:(r + 1) * per]
-            params = self.view.spatial(frames.shape[1], frames.shape[2], rng)
+            params = replay["spatial"] if replay is not None else self.view.spatial(frames.shape[1], frames.shape[2], rng)
             sample = {name: apply_view(frames[[where[int(i)] for i in idx]], p)
                       for name, idx, p in zip(names, clips, params)}
             if self.mask_fn is not None:
-                sample["mask"] = torch.from_numpy(self.mask_fn(rng))
+                sample["mask"] = torch.from_numpy(self.mask_fn(rng))  # fresh every epoch, cached views or not
+            if replay is not None:
+                sample.update({f"target:{n}": t for n, t in replay["targets"].items()})
             out.append((key, sample, label))
         return out
+
+    def _replay(self, raw: dict, faults: Counter) -> dict | None:
+        """View k = epoch mod K of the cached entry: its frames, spatial parameters and targets."""
+        meta = json.loads(raw["views.json"])
+        if "error" in meta:  # the clip failed when the cache was made
+            faults["corrupt"] += 1
+            log.warning("sample %s in %s was unreadable when the cache was made; skipped", raw["__key__"],
+                        raw.get("__url__"))
+            return None
+        k = self.epoch % len(meta["views"])
+        view = meta["views"][k]
+        return {"frames": view["frames"], "spatial": view["spatial"],
+                "targets": {n: decode_targets(raw, n, k) for n in self.cache_targets}}
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -145,8 +187,7 @@ class ShardStream(IterableDataset):
             log.warning("rank %d worker %d: skipping unreadable shard data: %s", self.rank, worker, exn)
             return True
 
-        raws = self._shuffled(tarfile_samples(({"url": s.url} for s in self._my_shards(worker, num_workers)),
-                                              handler=on_error), worker)
+        raws = self._shuffled(self._raw(self._my_shards(worker, num_workers), on_error), worker)
         quota = -(-self.epoch_samples // (self.world * num_workers)) if self.resampled else 0
         items = []
         for pos, raw in enumerate(raws, start=1):
@@ -182,6 +223,8 @@ def _collate(items, worker: int, pos: int, faults: Counter) -> dict:
         x = torch.stack([s[name] for s in samples])
         if name == "mask":
             out["mask"] = x  # [B,N] bool
+        elif name.startswith("target:"):
+            out.setdefault("targets", {})[name[7:]] = x  # [B,N,D] float
         elif name == "image":
             out["image"] = x[:, 0].permute(0, 3, 1, 2).contiguous()  # [B,C,H,W] uint8
         else:

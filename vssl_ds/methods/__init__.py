@@ -54,4 +54,11 @@ def mask_fns(cfg: Config):
     return None, None
 
 
-__all__ = ["Method", "StepOutput", "build_method", "token_grid", "mask_fns", "METHODS"]
+def cache_targets(cfg: Config) -> tuple[str, ...]:
+    """Names of the cached teacher targets the method reads from the batch (none: teachers run online)."""
+    if cfg.method.name == "mvd" and cfg.method.mvd.targets == "cache":
+        return ("img", "vid")
+    return ()
+
+
+__all__ = ["cache_targets", "Method", "StepOutput", "build_method", "token_grid", "mask_fns", "METHODS"]

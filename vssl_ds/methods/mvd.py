@@ -14,6 +14,7 @@ from ..data.batch import Batch
 from ..models import build_encoder
 from ..models.heads import MaskedDecoder
 from ..teachers import build_teacher
+from ..teachers.cache import check_fingerprint, load_manifest, mvd_fingerprint
 from .base import Method, StepOutput
 
 LOSSES = {"smooth_l1": F.smooth_l1_loss, "l2": F.mse_loss, "l1": F.l1_loss}
@@ -29,16 +30,49 @@ class MVDStudent(nn.Module):
         return self.image_decoder(visible, mask), self.video_decoder(visible, mask)
 
 
-class MVD(Method):
+class MVDTeachers(nn.Module):
+    """The two frozen teachers, run on the unmasked clip (online in the step, or once by tools/cache_teachers.py)."""
+
     def __init__(self, cfg: Config):
+        super().__init__()
         m, c = cfg.model, cfg.method.mvd
         size = c.teacher_size or cfg.data.size
         patch = size * m.patch // m.img_size  # the same token grid as the student (e.g. 196 / 14 = 224 / 16)
-        image_teacher = build_teacher(c.image_teacher, c.image_teacher_weights,
-                                      **({} if c.image_teacher.startswith("timm:") else {"img_size": size, "patch": patch}))
-        video_teacher = build_teacher(c.video_teacher, c.video_teacher_weights, **(
+        self.image = build_teacher(c.image_teacher, c.image_teacher_weights,
+                                   **({} if c.image_teacher.startswith("timm:") else {"img_size": size, "patch": patch}))
+        self.video = build_teacher(c.video_teacher, c.video_teacher_weights, **(
             {} if c.video_teacher.startswith("timm:") else
             {"img_size": size, "num_frames": m.num_frames, "tubelet": m.tubelet, "patch": patch}))
+        self.dims = {"img": self.image.embed_dim, "vid": self.video.embed_dim}
+        self.tubelet, self.teacher_size, self.norm_targets = m.tubelet, c.teacher_size, c.norm_targets
+
+    @torch.no_grad()
+    def forward(self, video: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Teacher features of the unmasked clip, in the student's (t, h, w) token order.  # img [B,N,Di], vid [B,N,Dv]"""
+        if self.teacher_size and self.teacher_size != video.shape[-1]:  # the same crop at the teacher's size
+            b, t = video.shape[0], video.shape[2]
+            frames = F.interpolate(rearrange(video, "b c t h w -> (b t) c h w"), size=self.teacher_size,
+                                   mode="bilinear", align_corners=False, antialias=True)
+            video = rearrange(frames, "(b t) c h w -> b c t h w", b=b, t=t)
+        t = video.shape[2] // self.tubelet
+        frames = rearrange(video[:, :, ::self.tubelet], "b c t h w -> (b t) c h w")  # every tubelet-th frame
+        img = rearrange(self.image(frames), "(b t) l d -> b (t l) d", t=t)
+        vid = self.video(video)
+        if self.norm_targets:
+            img, vid = F.layer_norm(img, img.shape[-1:], eps=1e-6), F.layer_norm(vid, vid.shape[-1:], eps=1e-6)
+        return {"img": img.float(), "vid": vid.float()}
+
+
+class MVD(Method):
+    def __init__(self, cfg: Config):
+        m, c = cfg.model, cfg.method.mvd
+        if c.targets == "cache":  # teachers ran once, offline: only their output widths are needed here
+            manifest = load_manifest(cfg.data.targets)
+            check_fingerprint(manifest, mvd_fingerprint(cfg), cfg.data.targets)
+            teachers, dims = None, manifest["dims"]
+        else:
+            teachers = MVDTeachers(cfg)
+            dims = teachers.dims
         encoder = build_encoder(m)
         prefix = 1 if getattr(encoder, "cls_token", None) is not None else 0
         dim = c.decoder_dim or encoder.embed_dim
@@ -48,30 +82,21 @@ class MVD(Method):
             return MaskedDecoder(encoder.num_patches, encoder.embed_dim, dim, c.decoder_depth, heads, out_dim,
                                  m.attn_backend, m.grad_ckpt, grid=encoder.grid, embed_bias=True, num_prefix=prefix)
 
-        student = MVDStudent(encoder, decoder(image_teacher.embed_dim), decoder(video_teacher.embed_dim))
-        super().__init__(student, nn.ModuleDict({"image": image_teacher, "video": video_teacher}))
-        self.cfg, self.tubelet, self.teacher_size = c, m.tubelet, c.teacher_size
+        super().__init__(MVDStudent(encoder, decoder(dims["img"]), decoder(dims["vid"])), teachers)
+        self.cfg = c
 
-    @torch.no_grad()
-    def targets(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher features of the unmasked clip, in the student's (t, h, w) token order.  # [B,N,Di], [B,N,Dv]"""
-        if self.teacher_size and self.teacher_size != video.shape[-1]:  # the same crop at the teacher's size
-            b, t = video.shape[0], video.shape[2]
-            frames = F.interpolate(rearrange(video, "b c t h w -> (b t) c h w"), size=self.teacher_size,
-                                   mode="bilinear", align_corners=False, antialias=True)
-            video = rearrange(frames, "(b t) c h w -> b c t h w", b=b, t=t)
-        t = video.shape[2] // self.tubelet
-        frames = rearrange(video[:, :, ::self.tubelet], "b c t h w -> (b t) c h w")  # every tubelet-th frame
-        img = rearrange(self.frozen["image"](frames), "(b t) l d -> b (t l) d", t=t)
-        vid = self.frozen["video"](video)
-        if self.cfg.norm_targets:
-            img, vid = F.layer_norm(img, img.shape[-1:], eps=1e-6), F.layer_norm(vid, vid.shape[-1:], eps=1e-6)
-        return img.float(), vid.float()
+    def targets(self, batch: Batch) -> dict[str, torch.Tensor]:
+        if self.cfg.targets == "cache":
+            if "img" not in batch.targets:
+                raise ValueError("method.mvd.targets=cache but the batch has no cached targets: set data.targets")
+            return {k: batch.targets[k].float() for k in ("img", "vid")}
+        return self.frozen(batch.video)
 
     def forward(self, batch: Batch) -> StepOutput:
         c, mask = self.cfg, batch.mask
         pred_img, pred_vid = self.student(batch.video, mask)  # [B,Nm,Di], [B,Nm,Dv]
-        img, vid = self.targets(batch.video)
+        t = self.targets(batch)
+        img, vid = t["img"], t["vid"]
         b = mask.shape[0]
         if img.shape[1] != mask.shape[1] or vid.shape[1] != mask.shape[1]:
             raise ValueError(f"teacher token counts (image {img.shape[1]}, video {vid.shape[1]}) differ from the "

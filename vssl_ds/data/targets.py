@@ -1,0 +1,38 @@
+"""Cached teacher targets as shard members: fp16 arrays, or int8 with a per-token fp16 scale (see
+vssl_ds/teachers/cache.py for the layout of a target shard)."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+
+
+def npy_bytes(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    return buf.getvalue()
+
+
+def npy_load(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def encode_targets(name: str, k: int, x: torch.Tensor, dtype: str) -> dict[str, bytes]:
+    """x [N,D] float → the members of view k's target `name`."""
+    x = x.float().cpu()
+    if dtype == "int8":  # symmetric per-token scale: max |x| of the token maps to 127
+        scale = x.abs().amax(-1, keepdim=True).clamp(min=1e-8) / 127
+        q = (x / scale).round().clamp(-127, 127).to(torch.int8)
+        return {f"v{k}.{name}.npy": npy_bytes(q.numpy()), f"v{k}.{name}_scale.npy": npy_bytes(scale.half().numpy())}
+    if dtype == "fp16":
+        return {f"v{k}.{name}.npy": npy_bytes(x.half().numpy())}
+    raise ValueError(f"cache dtype must be fp16 or int8, got '{dtype}'")
+
+
+def decode_targets(raw: dict, name: str, k: int) -> torch.Tensor:
+    """The float32 [N,D] target `name` of view k from a joined raw sample; KeyError when absent."""
+    q = npy_load(raw[f"v{k}.{name}.npy"])
+    scale = raw.get(f"v{k}.{name}_scale.npy")
+    x = torch.from_numpy(q.astype(np.float32))
+    return x * torch.from_numpy(npy_load(scale).astype(np.float32)) if scale is not None else x
