@@ -24,3 +24,11 @@ def test_data_benchmark_prints_both_pipelines_and_their_ratio(tmp_path, capsys):
     assert "vssl_ds pipeline" in out and "VideoMAE-style loader" in out and "ratio" in out
     d = json.loads((tmp_path / "d.json").read_text())
     assert d["ratio"] > 0 and d["vssl_ds"]["clips_per_s"] > 0
+
+
+def test_cache_benchmark_reports_the_ratio_and_bytes(tmp_path):
+    assert main(["cache", "--student", "vit_micro_video", "--image-teacher", "vit2d_micro_patch16",
+                 "--video-teacher", "vit_micro_video", "--size", "32", "--frames", "4", "--batch", "1",
+                 "--iters", "1", "--json", str(tmp_path / "c.json")]) == 0
+    c = json.loads((tmp_path / "c.json").read_text())
+    assert c["speedup"] > 0 and c["bytes_per_clip_per_view"]["vid/int8"] < c["bytes_per_clip_per_view"]["vid/fp16"]

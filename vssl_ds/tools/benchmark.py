@@ -3,6 +3,7 @@
     vssl-benchmark data [--workers 1] [--seconds 60] [--frames 16 --stride 4 --size 224]
     vssl-benchmark attention [--tokens 1568 --heads 12 --head-dim 64 --batch 8] [--backends math,sdpa,xformers]
     vssl-benchmark model [--models vit_base_video,vit_large_video] [--mask-ratio 0.9] [--grad-ckpt]
+    vssl-benchmark cache [--student vit_small_video --image-teacher vit2d_base_patch16 --video-teacher vit_base_video]
 
 `data`: clips/s of the vssl_ds pipeline (tar shards → decord → crop → mask, per-sample views) against a
 baseline modelled on VideoMAE's pretraining loader (one decord.VideoReader per video *file*, TSN-style
@@ -15,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -51,7 +53,14 @@ def parse_args(argv=None):
     m.add_argument("--size", type=int, default=224)
     m.add_argument("--mask-ratio", type=float, default=0.0, help="> 0: encode only the visible tokens (MAE)")
     m.add_argument("--grad-ckpt", action="store_true")
-    for q in (a, m):
+    c = sub.add_parser("cache", help="MVD student step with cached targets vs online teachers")
+    c.add_argument("--student", default="vit_small_video")
+    c.add_argument("--image-teacher", default="vit2d_base_patch16")
+    c.add_argument("--video-teacher", default="vit_base_video")
+    c.add_argument("--batch", type=int, default=2)
+    c.add_argument("--frames", type=int, default=16)
+    c.add_argument("--size", type=int, default=224)
+    for q in (a, m, c):
         q.add_argument("--backends", default="math,sdpa,xformers")
         q.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="auto: bf16 on GPU")
         q.add_argument("--iters", type=int, default=10)
@@ -246,9 +255,64 @@ def bench_model(args) -> dict:
     return out
 
 
+def bench_cache(args) -> dict:
+    """The same MVD student step, once reading targets from the batch (cache) and once running both teachers."""
+    from ..config.loader import load_config
+    from ..data.batch import Batch
+    from ..data.targets import encode_targets
+    from ..methods import build_method, mask_fns
+    from ..models import create_model
+
+    device, dtype, _, info = _setup(args)
+    tmp = Path(tempfile.mkdtemp(prefix="vssl-bench-cache-"))
+    torch.save(create_model(args.image_teacher, img_size=args.size).state_dict(), tmp / "img.pth")
+    torch.save(create_model(args.video_teacher, img_size=args.size, num_frames=args.frames).state_dict(), tmp / "vid.pth")
+    sets = [f"model.name={args.student}", f"model.img_size={args.size}", f"model.num_frames={args.frames}",
+            f"data.size={args.size}", f"data.num_frames={args.frames}", "model.drop_path=0.0",
+            f"method.mvd.image_teacher={args.image_teacher}", f"method.mvd.image_teacher_weights={tmp / 'img.pth'}",
+            f"method.mvd.video_teacher={args.video_teacher}", f"method.mvd.video_teacher_weights={tmp / 'vid.pth'}"]
+    cfg = load_config("mvd_vit_b", sets)
+    online = build_method(cfg).to(device).train()
+    if dtype != torch.float32:
+        online.frozen.to(dtype)  # teachers in reduced precision, as the engine holds them
+    fn, _ = mask_fns(cfg)
+    b = args.batch
+    mask = torch.from_numpy(np.stack([fn(np.random.default_rng(i)) for i in range(b)])).to(device)
+    video = torch.randn(b, 3, args.frames, args.size, args.size, device=device)
+    with torch.no_grad():
+        targets = online.frozen(video)
+    cached_batch = Batch(video=video, mask=mask, targets=targets)
+    online_batch = Batch(video=video, mask=mask)
+    opt = torch.optim.AdamW(online.trainable.parameters(), lr=1e-6)
+
+    def step(batch, use_cache):
+        online.cfg.targets = "cache" if use_cache else "online"
+        opt.zero_grad()
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = online(batch).loss
+        loss.backward()
+        opt.step()
+
+    t_cached = _timed(lambda: step(cached_batch, True), args.iters, device)
+    t_online = _timed(lambda: step(online_batch, False), args.iters, device)
+    sizes = {}
+    for name, x in targets.items():
+        for kind in ("fp16", "int8"):
+            sizes[f"{name}/{kind}"] = sum(len(v) for v in encode_targets(name, 0, x[0], kind).values())
+    out = {"setup": {**info, "student": args.student, "image_teacher": args.image_teacher,
+                     "video_teacher": args.video_teacher, "batch": b, "frames": args.frames, "size": args.size},
+           "cached_step_s": round(t_cached, 4), "online_step_s": round(t_online, 4),
+           "speedup": round(t_online / t_cached, 2), "bytes_per_clip_per_view": sizes}
+    print(f"  cached targets {t_cached * 1000:9.1f} ms/step\n  online teachers {t_online * 1000:8.1f} ms/step\n"
+          f"  speed-up {out['speedup']}x; bytes per clip per view: " + ", ".join(f"{k} {v}" for k, v in sizes.items()))
+    shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    result = {"data": bench_data, "attention": bench_attention, "model": bench_model}[args.what](args)
+    result = {"data": bench_data, "attention": bench_attention, "model": bench_model,
+              "cache": bench_cache}[args.what](args)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     return 0
