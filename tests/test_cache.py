@@ -43,7 +43,7 @@ def test_a_cached_step_equals_the_online_step_on_the_same_view(setup):
     root, sets, _ = setup
     cached_cfg = load_config("mvd_vit_s", [*sets, "method.mvd.targets=cache", f"data.targets={root / 'targets'}"])
     online_cfg = load_config("mvd_vit_s", sets)
-    loader, _ = build_loader(cached_cfg.data, *mask_fns(cached_cfg), 0, 1, 0, cache_targets(cached_cfg))
+    loader, _ = build_loader(cached_cfg.data, *mask_fns(cached_cfg), 0, 1, 0, *cache_targets(cached_cfg))
     batch = next(iter(loader)).to("cpu", cached_cfg.data.mean, cached_cfg.data.std)
     assert batch.targets["img"].shape == (2, 64, 64) and batch.targets["vid"].shape == (2, 64, 192)
     cached, online = build_method(cached_cfg), build_method(online_cfg)
@@ -57,7 +57,7 @@ def test_each_epoch_replays_its_own_view_with_a_fresh_mask(setup):
     root, sets, _ = setup
     cfg = load_config("mvd_vit_s", [*sets, "method.mvd.targets=cache", f"data.targets={root / 'targets'}",
                                     "data.shuffle_buffer=0"])
-    loader, _ = build_loader(cfg.data, *mask_fns(cfg), 0, 1, 0, cache_targets(cfg))
+    loader, _ = build_loader(cfg.data, *mask_fns(cfg), 0, 1, 0, *cache_targets(cfg))
     epochs = [{k: (b.video[i].sum().item(), b.mask[i].numpy().tobytes(), b.targets["vid"][i].sum().item())
                for b in loader for i, k in enumerate(b.keys)} for _ in range(3)]
     key = next(iter(epochs[0]))
@@ -121,7 +121,7 @@ def test_a_missing_entry_names_the_key_and_shard(setup, shards, tmp_path):
         for e in entries[1:]:  # the first sample's entry is gone
             sink.write({k: v for k, v in e.items() if k != "__url__" and k != "__local_path__"})
     cfg = load_config("mvd_vit_s", [*sets, "method.mvd.targets=cache", f"data.targets={broken}"])
-    loader, _ = build_loader(cfg.data, *mask_fns(cfg), 0, 1, 0, cache_targets(cfg))
+    loader, _ = build_loader(cfg.data, *mask_fns(cfg), 0, 1, 0, *cache_targets(cfg))
     with pytest.raises(KeyError, match=f"no entry for sample '{entries[0]['__key__']}' of shard .*{victim.name}"):
         list(loader)
 
@@ -129,7 +129,7 @@ def test_a_missing_entry_names_the_key_and_shard(setup, shards, tmp_path):
 def test_manifest_records_dims_views_and_shards(setup):
     root, _, _ = setup
     manifest = json.loads((root / "targets" / "targets.json").read_text())
-    assert manifest["views"] == 2 and manifest["dims"] == {"img": 64, "vid": 192} and len(manifest["shards"]) == 8
+    assert manifest["views"] == 2 and manifest["dims"] == {"img": 64, "vid": 192} and len(manifest["shards"]["videos"]) == 8
     assert manifest["fingerprint"]["image_weights"] and manifest["fingerprint"]["layer"] == "last_block_no_final_norm"
 
 
@@ -152,3 +152,35 @@ def test_training_from_the_cache_with_two_deepspeed_ranks(setup, tmp_path):
                                                 "run.ckpt_every=0", f"run.out_dir={tmp_path}", "run.name=cached")])
     digests = json.loads((tmp_path / "cached" / "final_digests.json").read_text())
     assert digests["ranks"][0] == digests["ranks"][1] and digests["step"] == 6
+
+
+def test_bevt_token_ids_cached_for_both_streams(shards, image_shards, tmp_path):
+    from vssl_ds.teachers.tokenizers import fit_kmeans
+
+    tok = tmp_path / "tok.pt"
+    torch.manual_seed(0)
+    torch.save({"codebook": fit_kmeans(torch.randn(400, 192), 16, iters=3), "patch": 8}, tok)
+    sets = ["model.name=swin3d_micro", "model.img_size=32", "model.num_frames=4", "model.window=[2,4,4]",
+            "data.size=32", "data.num_frames=4", "data.sampling_rate=2", "data.short_range=[32,40]",
+            "data.batch_size=2", "data.image_batch_size=2", f"data.images={image_shards}", "data.num_workers=0",
+            f"data.train={shards}", "method.bevt.tokenizer=kmeans", f"method.bevt.tokenizer_weights={tok}",
+            "method.bevt.min_block=1"]
+    args = [str(tmp_path / "tokens"), "--config", "bevt_swin_b", "--views", "2"]
+    for s in sets:
+        args += ["--set", s]
+    assert cache_main(args) == 0
+    manifest = json.loads((tmp_path / "tokens" / "targets.json").read_text())
+    assert manifest["dtype"] == "uint16" and manifest["vocab"] == 16 and set(manifest["shards"]) == {"videos", "images"}
+    cfg = load_config("bevt_swin_b", [*sets, "method.bevt.targets=cache", f"data.targets={tmp_path / 'tokens'}"])
+    loader, _ = build_loader(cfg.data, *mask_fns(cfg), 0, 1, 0, *cache_targets(cfg))
+    batch = next(iter(loader)).to("cpu", cfg.data.mean, cfg.data.std)
+    assert batch.targets["tok"].shape == (2, 4 * 4) and batch.targets["image_tok"].shape == (2, 4)
+    cached, online = build_method(cfg), build_method(load_config("bevt_swin_b", sets))
+    online.trainable.load_state_dict(cached.trainable.state_dict())
+    assert not list(cached.frozen.parameters())
+    frames = batch.video.permute(0, 2, 1, 3, 4).flatten(0, 1)
+    agree = (online.token_ids(frames).reshape(2, -1) == batch.targets["tok"]).float().mean()
+    assert agree >= 0.95  # the same view; ids can only differ on near-ties of the nearest code
+    a, b = cached.eval()(batch), online.eval()(batch)
+    if agree == 1:  # the usual case: the cached step is the online step
+        assert torch.allclose(a.loss, b.loss, atol=1e-6)

@@ -76,7 +76,7 @@ class Trainer:
         self.run_dir = Path(cfg.run.out_dir) / cfg.run.name
         self.ckpt_dir = self.run_dir / "checkpoints"
         d = cfg.data
-        self.loader, samples = build_loader(d, *mask_fns(cfg), self.rank, self.world, cfg.run.seed, cache_targets(cfg))
+        self.loader, samples = build_loader(d, *mask_fns(cfg), self.rank, self.world, cfg.run.seed, *cache_targets(cfg))
 
         self.accum = cfg.engine.grad_accum
         self.global_batch = d.batch_size * self.world * self.accum

@@ -109,6 +109,7 @@ class BEVTConfig:
     tokenizer_weights: str = ""
     video_weight: float = 1.0
     image_weight: float = 1.0
+    targets: str = "online"  # online: the tokenizer runs in the step | cache: token ids from data.targets
 
 
 @dataclass
@@ -164,6 +165,7 @@ CHOICES = {
     "model.attn_backend": ("auto", "xformers", "sdpa", "math"),
     "method.name": ("mae", "mvd", "bevt"),
     "method.bevt.tokenizer": ("dalle", "kmeans"),
+    "method.bevt.targets": ("online", "cache"),
     "method.mvd.mask": ("tube", "random"),
     "method.mvd.loss": ("smooth_l1", "l2", "l1"),
     "method.mvd.targets": ("online", "cache"),

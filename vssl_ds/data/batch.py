@@ -41,11 +41,12 @@ class Batch:
     def from_worker(cls, item: dict) -> "Batch":
         if "video" not in item and "image" in item:  # an image stream: its mask is the image mask
             return cls(image=item["image"], image_mask=item.get("mask"), label=item.get("label"),
-                       keys=item.get("keys", []))
+                       keys=item.get("keys", []), targets=item.get("targets", {}))
         return cls(video=item.get("video"), mask=item.get("mask"), label=item.get("label"),
                    keys=item.get("keys", []), views=item.get("views", {}), targets=item.get("targets", {}))
 
     def with_images(self, images: "Batch") -> "Batch":
         """This video batch joined with a batch of the image stream (BEVT: both streams every step)."""
         self.image, self.image_mask = images.image, images.image_mask
+        self.targets.update({f"image_{k}": v for k, v in images.targets.items()})  # cached image-stream targets
         return self

@@ -21,7 +21,7 @@ def view_from(d: DataConfig, kind: str | None = None) -> View:
 
 
 def stream(d: DataConfig, spec: str, view: View, batch_size: int, mask_fn, rank: int, world: int,
-           seed: int, cache_targets=()) -> tuple[OrderedLoader, int]:
+           seed: int, cache_targets=(), cache_sub: str = "") -> tuple[OrderedLoader, int]:
     """→ (loader, samples per epoch over all ranks)."""
     shards = resolve_shards(spec)
     samples = d.epoch_size or samples_per_epoch(shards, 0)  # errors when neither says how long an epoch is
@@ -29,7 +29,7 @@ def stream(d: DataConfig, spec: str, view: View, batch_size: int, mask_fn, rank:
     if cache_targets:
         if not d.targets:
             raise ValueError("cached teacher targets need data.targets (the folder tools/cache_teachers.py wrote)")
-        cache = str(Path(d.targets).parent if d.targets.endswith(".json") else Path(d.targets))
+        cache = str((Path(d.targets).parent if d.targets.endswith(".json") else Path(d.targets)) / cache_sub)
     ds = ShardStream(shards, view, batch_size, mask_fn, rank, world, seed, decoder_order(d.decoder),
                      d.shuffle_buffer, d.resampled, samples, cache, cache_targets)
     return OrderedLoader(ds, d.num_workers, d.prefetch, d.pin_memory), samples
@@ -79,7 +79,8 @@ class JointLoader:
             images.close()  # stop the image workers with this epoch; the next one resumes from the state
 
 
-def build_loader(d: DataConfig, mask_fn, image_mask_fn, rank: int, world: int, seed: int, cache_targets=()):
+def build_loader(d: DataConfig, mask_fn, image_mask_fn, rank: int, world: int, seed: int, cache_targets=(),
+                 image_cache_targets=()):
     """→ (loader, samples per epoch over all ranks)."""
     if not d.train:
         raise ValueError("data.train is empty: give a manifest.json, a brace pattern or shard URLs")
@@ -88,5 +89,6 @@ def build_loader(d: DataConfig, mask_fn, image_mask_fn, rank: int, world: int, s
         return videos, samples
     if not d.images:
         raise ValueError("data.image_batch_size > 0 needs data.images (image shards from make_shards --kind image)")
-    images, _ = stream(d, d.images, view_from(d, "image"), d.image_batch_size, image_mask_fn, rank, world, seed + 1)
+    images, _ = stream(d, d.images, view_from(d, "image"), d.image_batch_size, image_mask_fn, rank, world, seed + 1,
+                       image_cache_targets, "images")
     return JointLoader(videos, images), samples

@@ -20,6 +20,8 @@ def npy_load(data: bytes) -> np.ndarray:
 
 def encode_targets(name: str, k: int, x: torch.Tensor, dtype: str) -> dict[str, bytes]:
     """x [N,D] float → the members of view k's target `name`."""
+    if dtype == "uint16":  # token ids (BEVT): exact
+        return {f"v{k}.{name}.npy": npy_bytes(x.cpu().numpy().astype(np.uint16))}
     x = x.float().cpu()
     if dtype == "int8":  # symmetric per-token scale: max |x| of the token maps to 127
         scale = x.abs().amax(-1, keepdim=True).clamp(min=1e-8) / 127
@@ -27,12 +29,14 @@ def encode_targets(name: str, k: int, x: torch.Tensor, dtype: str) -> dict[str, 
         return {f"v{k}.{name}.npy": npy_bytes(q.numpy()), f"v{k}.{name}_scale.npy": npy_bytes(scale.half().numpy())}
     if dtype == "fp16":
         return {f"v{k}.{name}.npy": npy_bytes(x.half().numpy())}
-    raise ValueError(f"cache dtype must be fp16 or int8, got '{dtype}'")
+    raise ValueError(f"cache dtype must be fp16, int8 or uint16, got '{dtype}'")
 
 
 def decode_targets(raw: dict, name: str, k: int) -> torch.Tensor:
-    """The float32 [N,D] target `name` of view k from a joined raw sample; KeyError when absent."""
+    """The float32 [N,D] target `name` of view k (int64 [N] for token ids) from a joined raw sample."""
     q = npy_load(raw[f"v{k}.{name}.npy"])
+    if q.dtype == np.uint16:
+        return torch.from_numpy(q.astype(np.int64))
     scale = raw.get(f"v{k}.{name}_scale.npy")
     x = torch.from_numpy(q.astype(np.float32))
     return x * torch.from_numpy(npy_load(scale).astype(np.float32)) if scale is not None else x

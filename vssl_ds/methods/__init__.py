@@ -54,11 +54,14 @@ def mask_fns(cfg: Config):
     return None, None
 
 
-def cache_targets(cfg: Config) -> tuple[str, ...]:
-    """Names of the cached teacher targets the method reads from the batch (none: teachers run online)."""
+def cache_targets(cfg: Config) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Names of the cached targets the method reads from the batch: (video stream, image stream); empty when
+    the teachers run online."""
     if cfg.method.name == "mvd" and cfg.method.mvd.targets == "cache":
-        return ("img", "vid")
-    return ()
+        return ("img", "vid"), ()
+    if cfg.method.name == "bevt" and cfg.method.bevt.targets == "cache":
+        return ("tok",), ("tok",)
+    return (), ()
 
 
 __all__ = ["cache_targets", "Method", "StepOutput", "build_method", "token_grid", "mask_fns", "METHODS"]

@@ -14,6 +14,7 @@ from einops import rearrange
 from ..config.schema import Config
 from ..data.batch import Batch
 from ..models import build_encoder
+from ..teachers.cache import bevt_fingerprint, check_fingerprint, load_manifest
 from ..teachers.tokenizers import build_tokenizer
 from .base import Method, StepOutput
 
@@ -51,9 +52,15 @@ class BEVT(Method):
         c, m = cfg.method.bevt, cfg.model
         if not m.name.startswith("swin3d"):
             raise ValueError(f"BEVT needs a Video Swin backbone (model.name=swin3d_*), got model.name={m.name}")
-        tokenizer = build_tokenizer(c.tokenizer, c.tokenizer_weights)
+        if c.targets == "cache":  # token ids were computed once, offline: no tokenizer in the step
+            manifest = load_manifest(cfg.data.targets)
+            check_fingerprint(manifest, bevt_fingerprint(cfg), cfg.data.targets)
+            tokenizer, vocab = None, int(manifest["vocab"])
+        else:
+            tokenizer = build_tokenizer(c.tokenizer, c.tokenizer_weights)
+            vocab = tokenizer.vocab_size
         encoder = build_encoder(m, image_embed=True)
-        super().__init__(BEVTStudent(encoder, tokenizer.vocab_size), tokenizer)
+        super().__init__(BEVTStudent(encoder, vocab), tokenizer)
         self.cfg, self.tok_size = c, m.img_size // 2  # the tokenizer sees a half-size copy (112² for 224²)
         self.register_buffer("mean", torch.tensor(cfg.data.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(cfg.data.std).view(1, 3, 1, 1), persistent=False)
@@ -72,8 +79,13 @@ class BEVT(Method):
         c, video = self.cfg, batch.video
         b, t = video.shape[0], video.shape[2]
         logits_vid, logits_img = self.student(video, batch.mask, batch.image, batch.image_mask)
-        ids_vid = self.token_ids(rearrange(video, "b c t h w -> (b t) c h w")).reshape(b, -1)  # [B,T*h*w]
-        ids_img = self.token_ids(batch.image)  # [Bi,h*w]
+        if c.targets == "cache":
+            if "tok" not in batch.targets or "image_tok" not in batch.targets:
+                raise ValueError("method.bevt.targets=cache but the batch has no cached token ids: set data.targets")
+            ids_vid, ids_img = batch.targets["tok"].long(), batch.targets["image_tok"].long()
+        else:
+            ids_vid = self.token_ids(rearrange(video, "b c t h w -> (b t) c h w")).reshape(b, -1)  # [B,T*h*w]
+            ids_img = self.token_ids(batch.image)  # [Bi,h*w]
         cells = batch.mask.shape[1] // (t // 2)
         mask_vid = batch.mask.reshape(b, t // 2, cells).repeat_interleave(2, dim=1).reshape(b, -1)  # doubled in time
         if ids_vid.shape != mask_vid.shape or ids_img.shape != batch.image_mask.shape:

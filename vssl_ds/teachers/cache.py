@@ -41,13 +41,23 @@ def mvd_fingerprint(cfg) -> dict:
             "seed": cfg.run.seed, "decoder": d.decoder}
 
 
+def bevt_fingerprint(cfg) -> dict:
+    """Everything that decides BEVT's cached token ids (video and image streams)."""
+    c, d, m = cfg.method.bevt, cfg.data, cfg.model
+    return {"method": "bevt", "tokenizer": c.tokenizer, "tokenizer_weights": file_digest(c.tokenizer_weights),
+            "tokenizer_size": m.img_size // 2, "size": d.size, "num_frames": d.num_frames,
+            "sampling_rate": d.sampling_rate, "view": d.view, "short_range": list(d.short_range),
+            "short_video": d.short_video, "images": Path(d.images).name if d.images else "", "seed": cfg.run.seed,
+            "decoder": d.decoder}
+
+
 def check_fingerprint(manifest: dict, expected: dict, where: str) -> None:
     got = manifest.get("fingerprint", {})
     diff = {k: (got.get(k), v) for k, v in expected.items() if got.get(k) != v}
     if diff:
         lines = "; ".join(f"{k}: cache {a!r} vs run {b!r}" for k, (a, b) in diff.items())
         raise ValueError(f"teacher cache {where} was made for another teacher spec ({lines}). Rebuild it with "
-                         "tools/cache_teachers.py for this config, or use method.mvd.targets=online")
+                         "tools/cache_teachers.py for this config, or set the method's targets=online")
 
 
 def load_manifest(path: str | Path) -> dict:

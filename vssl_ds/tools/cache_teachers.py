@@ -31,9 +31,9 @@ from ..data.sampling import ShortVideo
 from ..data.shards import resolve_shards
 from ..data.targets import decode_targets, encode_targets
 from ..data.transforms import apply_view, normalize
-from ..teachers.cache import MANIFEST, mvd_fingerprint
+from ..teachers.cache import MANIFEST, bevt_fingerprint, mvd_fingerprint
 
-NAMES = ("img", "vid")
+JOBS = {"mvd": lambda cfg, device: Teachers(cfg, device), "bevt": lambda cfg, device: Tokenizer(cfg, device)}
 
 
 def parse_args(argv=None):
@@ -42,7 +42,7 @@ def parse_args(argv=None):
     p.add_argument("--config", required=True, help="the recipe of the student run (its teachers, views and data)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--views", type=int, default=2, help="views cached per clip (epoch e replays view e mod K)")
-    p.add_argument("--dtype", choices=["fp16", "int8"], default="fp16")
+    p.add_argument("--dtype", choices=["fp16", "int8"], default="fp16", help="features (MVD); token ids are uint16")
     p.add_argument("--batch", type=int, default=16, help="clips per teacher forward")
     p.add_argument("--verify", type=int, default=0, help="re-run the teachers on N random cached views and compare")
     return p.parse_args(argv)
@@ -52,12 +52,18 @@ def _view_rng(seed: int, k: int, key: str) -> np.random.Generator:
     return np.random.default_rng([seed, 7919, k, zlib.crc32(key.encode())])  # apart from training's streams
 
 
-def draw_views(data: bytes, key: str, cfg, k_views: int):
-    """K views of one clip: (records, uint8 clips [K,T,H,W,C]); raises DecodeError / ShortVideo."""
-    view, d = view_from(cfg.data), cfg.data
+def draw_views(raw: dict, view, cfg, k_views: int):
+    """K views of one sample (video, or image as a 1-frame clip): (records, uint8 clips [K,T,H,W,C]);
+    raises DecodeError / ShortVideo."""
+    from ..data.decode import decode_image
+    from ..data.pipeline import IMAGE_MEMBERS, MEDIA
+
+    member = next((m for m in MEDIA if m in raw), None)
+    if member is None:
+        raise DecodeError(f"no video/image member (has {sorted(k for k in raw if not k.startswith('__'))})")
     records, clips = [], []
     for k in range(k_views):
-        rng = _view_rng(cfg.run.seed, k, key)
+        rng = _view_rng(cfg.run.seed, k, raw["__key__"])
         picked: list[np.ndarray] = []
 
         def pick(n: int) -> np.ndarray:  # drawn once: a fallback decoder must not draw another view
@@ -65,7 +71,10 @@ def draw_views(data: bytes, key: str, cfg, k_views: int):
                 picked.append(view.pick(n, rng)[0])
             return picked[0]
 
-        _, frames, _ = decode(data, pick, decoder_order(d.decoder))
+        if member in IMAGE_MEMBERS:
+            _, frames = decode_image(raw[member], pick)
+        else:
+            _, frames, _ = decode(raw[member], pick, decoder_order(cfg.data.decoder))
         spatial = view.spatial(frames.shape[1], frames.shape[2], rng)
         clips.append(apply_view(torch.from_numpy(frames), spatial[0]))
         records.append({"frames": [picked[0].tolist()], "spatial": spatial})
@@ -73,25 +82,59 @@ def draw_views(data: bytes, key: str, cfg, k_views: int):
 
 
 class Teachers:
+    """MVD's two teachers on a clip → {"img": [B,N,Di], "vid": [B,N,Dv]} float (bf16 autocast on GPU)."""
+
+    names, dtypes = ("img", "vid"), ("fp16", "int8")
+
     def __init__(self, cfg, device):
         from ..methods.mvd import MVDTeachers
 
         self.cfg, self.device = cfg, device
         self.model = MVDTeachers(cfg).to(device).eval()
         self.dims = self.model.dims
+        self.fingerprint = mvd_fingerprint(cfg)
+        self.streams = [("", cfg.data.train, view_from(cfg.data))]
 
     @torch.no_grad()
     def __call__(self, clips: torch.Tensor) -> dict[str, torch.Tensor]:
-        """uint8 [B,T,H,W,C] → {"img": [B,N,Di], "vid": [B,N,Dv]} (bf16 autocast on GPU: reduced precision)"""
         video = normalize(clips.permute(0, 4, 1, 2, 3).to(self.device), self.cfg.data.mean, self.cfg.data.std)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             return {k: v.float().cpu() for k, v in self.model(video).items()}
 
 
+class Tokenizer:
+    """BEVT's tokenizer on every frame (half size) → {"tok": [B,T*n] token ids}; videos and images."""
+
+    names, dtypes = ("tok",), ("uint16",)
+
+    def __init__(self, cfg, device):
+        from ..teachers.tokenizers import build_tokenizer
+
+        c = cfg.method.bevt
+        self.cfg, self.device, self.size = cfg, device, cfg.model.img_size // 2
+        self.model = build_tokenizer(c.tokenizer, c.tokenizer_weights).to(device)
+        self.dims = {"tok": 1}
+        self.vocab = self.model.vocab_size
+        self.fingerprint = bevt_fingerprint(cfg)
+        self.streams = [("", cfg.data.train, view_from(cfg.data))]
+        if cfg.data.images:
+            self.streams.append(("images", cfg.data.images, view_from(cfg.data, "image")))
+
+    @torch.no_grad()
+    def __call__(self, clips: torch.Tensor) -> dict[str, torch.Tensor]:
+        b, t = clips.shape[:2]
+        pixels = clips.flatten(0, 1).permute(0, 3, 1, 2).to(self.device).float() / 255  # [B*T,3,H,W]
+        pixels = torch.nn.functional.interpolate(pixels, size=self.size, mode="bilinear", align_corners=False,
+                                                 antialias=True)
+        return {"tok": self.model(pixels).reshape(b, -1).cpu()}
+
+
 def _estimate(cfg, shards, k_views: int, dims: dict, dtype: str, out: Path) -> int:
     m = cfg.model
     tokens = (m.num_frames // m.tubelet) * (m.img_size // m.patch) ** 2
-    per_value = 2 if dtype == "fp16" else 1
+    if dtype == "uint16":  # token ids: one per 16-px cell of every frame
+        tokens = m.num_frames * (m.img_size // 16) ** 2
+    per_value = 1 if dtype == "int8" else 2
     per_clip = k_views * sum(tokens * (d * per_value + (2 if dtype == "int8" else 0)) + 1024 for d in dims.values())
     counted = [s.samples for s in shards if s.samples >= 0]
     clips = sum(counted) if len(counted) == len(shards) else cfg.data.epoch_size
@@ -105,7 +148,7 @@ def _estimate(cfg, shards, k_views: int, dims: dict, dtype: str, out: Path) -> i
     return per_clip
 
 
-def write_shard(url: str, dest: Path, cfg, teachers: Teachers, k_views: int, dtype: str, batch: int, bar) -> None:
+def write_shard(url: str, dest: Path, cfg, teachers, view, k_views: int, dtype: str, batch: int, bar) -> None:
     """One target shard, aligned with the video shard `url`; written to a .tmp file and renamed when whole."""
     import decord
     import webdataset as wds
@@ -125,7 +168,7 @@ def write_shard(url: str, dest: Path, cfg, teachers: Teachers, k_views: int, dty
                 sample["views.json"] = json.dumps({"views": records, "decoder": cfg.data.decoder,
                                                    "version": decord.__version__}).encode()
                 for k in range(k_views):
-                    for name in NAMES:
+                    for name in teachers.names:
                         sample.update(encode_targets(name, k, outs[name][row + k], dtype))
                 row += k_views
             sink.write(sample)
@@ -134,11 +177,8 @@ def write_shard(url: str, dest: Path, cfg, teachers: Teachers, k_views: int, dty
     with wds.TarWriter(str(tmp), mtime=0) as sink:
         for raw in tarfile_samples([{"url": url}]):
             key = raw["__key__"]
-            data = raw.get("mp4")
             try:
-                if data is None:
-                    raise DecodeError("no .mp4 member")
-                records, clips = draw_views(data, key, cfg, k_views)
+                records, clips = draw_views(raw, view, cfg, k_views)
                 pending.append((key, records, clips, ""))
             except (DecodeError, ShortVideo) as e:
                 pending.append((key, [], None, str(e)))
@@ -149,28 +189,35 @@ def write_shard(url: str, dest: Path, cfg, teachers: Teachers, k_views: int, dty
     tmp.replace(dest)
 
 
-def verify(out: Path, cfg, teachers: Teachers, count: int, seed: int = 0) -> dict:
-    """Recompute `count` random cached views from the videos and compare with what the cache holds."""
+def _compare(a: torch.Tensor, b: torch.Tensor) -> dict:
+    if a.dtype == torch.int64:  # token ids: the fraction that agree
+        return {"agree_min": (a == b).float().mean().item()}
+    return {"cosine_min": torch.nn.functional.cosine_similarity(a, b, dim=-1).min().item(),
+            "rel_err_max": ((a - b).norm() / b.norm().clamp(min=1e-12)).item()}
+
+
+def verify(out: Path, cfg, teachers, count: int, seed: int = 0) -> dict:
+    """Recompute `count` random cached views from the media and compare with what the cache holds:
+    min cosine and max relative error for features, min agreement for token ids."""
     rng = np.random.default_rng(seed)
-    shards = resolve_shards(cfg.data.train)
-    stats = {n: {"cosine_min": 1.0, "rel_err_max": 0.0} for n in NAMES}
+    sub, spec, view = teachers.streams[0]
+    shards = resolve_shards(spec)
+    stats: dict[str, dict] = {}
     done = 0
     for shard in rng.permutation(len(shards)):
         url = shards[shard].url
-        joined = zip(tarfile_samples([{"url": url}]), tarfile_samples([{"url": str(out / Path(url).name)}]))
+        joined = zip(tarfile_samples([{"url": url}]), tarfile_samples([{"url": str(out / sub / Path(url).name)}]))
         for raw, entry in joined:
             meta = json.loads(entry["views.json"])
             if "error" in meta or rng.random() > 0.5:
                 continue
             k = int(rng.integers(len(meta["views"])))
-            records, clips = draw_views(raw["mp4"], raw["__key__"], cfg, len(meta["views"]))
+            _, clips = draw_views(raw, view, cfg, len(meta["views"]))
             fresh = teachers(clips[k:k + 1])
-            for n in NAMES:
-                a, b = decode_targets(entry, n, k), fresh[n][0]
-                cos = torch.nn.functional.cosine_similarity(a, b, dim=-1).min().item()
-                rel = ((a - b).norm() / b.norm().clamp(min=1e-12)).item()
-                stats[n]["cosine_min"] = min(stats[n]["cosine_min"], cos)
-                stats[n]["rel_err_max"] = max(stats[n]["rel_err_max"], rel)
+            for n in teachers.names:
+                for key, v in _compare(decode_targets(entry, n, k), fresh[n][0]).items():
+                    worst = max if key == "rel_err_max" else min
+                    stats.setdefault(n, {})[key] = worst(stats.get(n, {}).get(key, v), v)
             done += 1
             if done >= count:
                 return {"views": done, **stats}
@@ -184,8 +231,9 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if cfg.method.name != "mvd":
-        print(f"error: caching is implemented for method.name=mvd (got {cfg.method.name})", file=sys.stderr)
+    if cfg.method.name not in JOBS:
+        print(f"error: caching is implemented for method.name in {sorted(JOBS)} (got {cfg.method.name})",
+              file=sys.stderr)
         return 2
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
@@ -193,36 +241,39 @@ def main(argv=None) -> int:
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    fingerprint = mvd_fingerprint(cfg)
+    teachers = JOBS[cfg.method.name](cfg, device)
+    dtype = args.dtype if args.dtype in teachers.dtypes else teachers.dtypes[0]
     stamp = out / "fingerprint.json"
-    if stamp.exists() and json.loads(stamp.read_text()) != fingerprint:
+    if stamp.exists() and json.loads(stamp.read_text()) != teachers.fingerprint:
         raise SystemExit(f"error: {out} holds targets of another teacher spec ({stamp}); use a new folder")
     if rank == 0:
-        stamp.write_text(json.dumps(fingerprint, indent=1))
-    teachers = Teachers(cfg, device)
-    shards = resolve_shards(cfg.data.train)
+        stamp.write_text(json.dumps(teachers.fingerprint, indent=1))
     if args.verify:
-        report = verify(out, cfg, teachers, args.verify)
-        print(json.dumps(report, indent=1))
+        print(json.dumps(verify(out, cfg, teachers, args.verify), indent=1))
         return 0
-    per_clip = _estimate(cfg, shards, args.views, teachers.dims, args.dtype, out) if rank == 0 else 0
-    mine = shards[rank::world]
-    todo = [s for s in mine if not (out / Path(s.url).name).exists()]
-    for stale in out.glob("*.tar.tmp"):
-        if any(stale.name.startswith(Path(s.url).name) for s in todo):
-            stale.unlink()  # a shard being written when the job died: redone
-    total = sum(max(s.samples, 0) for s in todo) or None
-    with tqdm(total=total, desc=f"rank {rank} caching", unit="clips", disable=rank != 0) as bar:
-        for s in todo:
-            write_shard(s.url, out / Path(s.url).name, cfg, teachers, args.views, args.dtype, args.batch, bar)
+    listing = {}
+    for sub, spec, view in teachers.streams:  # videos (and, for BEVT, the image stream) into OUT[/images]
+        shards = resolve_shards(spec)
+        listing[sub or "videos"] = [Path(s.url).name for s in shards]
+        dest = out / sub
+        dest.mkdir(parents=True, exist_ok=True)
+        per_clip = _estimate(cfg, shards, args.views, teachers.dims, dtype, dest) if rank == 0 else 0
+        todo = [s for s in shards[rank::world] if not (dest / Path(s.url).name).exists()]
+        for stale in dest.glob("*.tar.tmp"):
+            if any(stale.name.startswith(Path(s.url).name) for s in todo):
+                stale.unlink()  # a shard being written when the job died: redone
+        total = sum(max(s.samples, 0) for s in todo) or None
+        with tqdm(total=total, desc=f"rank {rank} caching {sub or 'videos'}", unit="clips", disable=rank != 0) as bar:
+            for s in todo:
+                write_shard(s.url, dest / Path(s.url).name, cfg, teachers, view, args.views, dtype, args.batch, bar)
     if world > 1:
         torch.distributed.barrier()
     if rank == 0:
-        manifest = {"fingerprint": fingerprint, "dims": teachers.dims, "views": args.views, "dtype": args.dtype,
-                    "names": list(NAMES), "shards": [Path(s.url).name for s in shards],
-                    "bytes_per_clip_estimate": per_clip}
+        manifest = {"fingerprint": teachers.fingerprint, "dims": teachers.dims, "views": args.views, "dtype": dtype,
+                    "names": list(teachers.names), "shards": listing, "bytes_per_clip_estimate": per_clip,
+                    "vocab": getattr(teachers, "vocab", 0)}
         (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        print(f"teacher targets for {len(shards)} shards in {out}\n  train with: --set method.mvd.targets=cache "
+        print(f"teacher targets in {out}\n  train with: --set method.{cfg.method.name}.targets=cache "
               f"--set data.targets={out}")
     if world > 1:
         torch.distributed.destroy_process_group()
