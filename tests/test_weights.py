@@ -144,3 +144,18 @@ def test_a_vssl_mae_run_is_an_mvd_video_teacher(tmp_path):
                             patch=8)
     x = torch.randn(1, 3, 8, 32, 32)
     assert torch.allclose(teacher(x), mae.trainable.encoder.eval()(x, norm=False))
+
+
+def test_official_bevt_checkpoint_loads_into_a_video_swin(tmp_path):
+    """A BEVT pretraining checkpoint: backbone + image patch embedding + its head inside the backbone."""
+    torch.manual_seed(0)
+    src = create_model("swin3d_micro", img_size=32, num_frames=4, image_embed=True).eval()
+    sd = {f"backbone.{k}": v for k, v in src.state_dict().items()}
+    sd.update({"backbone.lm_down.weight": torch.randn(128, 192), "backbone.fpn_s.0.weight": torch.randn(128, 128, 1, 2, 2),
+               "cls_head.lm_head.weight": torch.randn(8192, 128)})
+    torch.save({"state_dict": sd}, tmp_path / "bevt.pth")
+    for image_embed in (False, True):
+        dst = create_model("swin3d_micro", img_size=32, num_frames=4, image_embed=image_embed).eval()
+        assert load_pretrained(dst, tmp_path / "bevt.pth") == "video_swin"
+        x = torch.randn(1, 3, 4, 32, 32)
+        assert torch.equal(dst(x), src(x))

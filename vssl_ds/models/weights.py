@@ -5,8 +5,10 @@ Key mappings (documented here, tested in tests/test_weights.py):
   `encoder.` (dropped), keep the decoder(s) in `decoder*.`, `encoder_to_decoder*`, `mask_token` (ignored);
   attention biases are `q_bias` + `v_bias` (k has none) → `qkv.bias = [q_bias, 0, v_bias]`; fine-tuned
   checkpoints put the last norm in `fc_norm` (→ `norm`) and a classifier in `head` (ignored).
-- **Video Swin / BEVT** (mmaction, `{"state_dict": …}`): `backbone.` prefix dropped; `cls_head.`,
-  `relative_position_index` and `attn_mask` buffers ignored. Names are otherwise the official ones.
+- **Video Swin / BEVT** (mmaction, `{"state_dict": …}`): `backbone.` prefix dropped; `cls_head.`, BEVT's
+  pretraining head kept in the backbone (`lm_down*`, `fpn*`), `relative_position_index` and `attn_mask`
+  buffers ignored; BEVT's `patch_embed_2d` loads when the model has an image embedding. Names are otherwise
+  the official ones.
 - **timm 2D ViT → video ViT** (inflation): the patch kernel `[D,C,p,p]` becomes `[D,C,t,p,p]`, either
   averaged over t (`average`) or on the centre slice (`central`); a learned position table is resized
   to the grid and repeated over time; the CLS entry is dropped when the video model has no CLS.
@@ -69,9 +71,15 @@ def from_videomae(sd: dict) -> dict:
 
 
 def from_video_swin(sd: dict) -> dict:
-    """Official Video Swin / BEVT (mmaction) checkpoint → VideoSwin keys."""
-    return {k.removeprefix("module.").removeprefix("backbone."): v for k, v in sd.items()
-            if not k.startswith(("cls_head", "neck")) and not k.endswith(("relative_position_index", "attn_mask"))}
+    """Official Video Swin / BEVT (mmaction) checkpoint → VideoSwin keys. BEVT keeps its pretraining head in the
+    backbone (`lm_down*`, `fpn*`): dropped, like the classification head."""
+    out = {}
+    for k, v in sd.items():
+        k = k.removeprefix("module.").removeprefix("backbone.")
+        if k.startswith(("cls_head", "neck", "lm_down", "fpn")) or k.endswith(("relative_position_index", "attn_mask")):
+            continue
+        out[k] = v
+    return out
 
 
 def inflate_patch(w2d: torch.Tensor, t: int, mode: str = "average") -> torch.Tensor:
@@ -175,6 +183,8 @@ def load_pretrained(model: nn.Module, path: str | Path, mode: str = "average") -
         sd = inflate_swin(sd, model, mode)
     elif fmt == "vit2d" and isinstance(model, VideoViT):
         sd = inflate_vit(sd, model, mode)
+    if getattr(model, "patch_embed_2d", True) is None:  # BEVT's image patch embedding, for a video-only model
+        sd = {k: v for k, v in sd.items() if not k.startswith("patch_embed_2d.")}
     if "pos_embed" in sd and not isinstance(getattr(model, "pos_embed", None), nn.Parameter):
         sd.pop("pos_embed")  # the model uses its fixed sin-cos table
     from .vit_divided import DividedViT
