@@ -54,8 +54,16 @@ class Engine:
         optimizer = torch.optim.AdamW(method.param_groups(o.weight_decay), lr=0.0, betas=tuple(o.betas), eps=o.eps)
         self.ds, _, _, _ = deepspeed.initialize(model=method.trainable, optimizer=optimizer, config=self.ds_config)
         method.bind_student(self.ds)
-        if self.precision != "fp32":  # frozen modules run in the engine's precision too
+        stage3 = self.ds.zero_optimization_stage() == 3
+        for module in method.frozen.modules():  # EMA targets read the full online weights under ZeRO-3
+            if hasattr(module, "gather") and hasattr(module, "update"):
+                module.gather = lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=None,
+                                                                                   enabled=stage3)
+        if self.precision != "fp32":  # frozen modules run in the engine's precision too ...
             method.frozen.to(torch.bfloat16 if self.precision == "bf16" else torch.float16)
+            for module in method.frozen.modules():  # ... but an EMA accumulates tiny updates: it stays fp32
+                if hasattr(module, "gather") and hasattr(module, "update"):
+                    module.float()
 
     @property
     def param_groups(self) -> list[dict]:

@@ -79,3 +79,40 @@ def all_gather_object(obj) -> list:
     out = [None] * world()
     dist.all_gather_object(out, obj)
     return out
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient for this rank's slice (then returns that slice).
+
+    Every rank computes the same global loss over the gathered batch; the engine averages parameter
+    gradients over ranks, so the result equals the single-process gradient over the whole global batch.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor):
+        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, x.contiguous())
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor) -> torch.Tensor:
+        g = torch.stack(grads)
+        dist.all_reduce(g)
+        return g[dist.get_rank()]
+
+
+def all_gather_grad(x: torch.Tensor) -> torch.Tensor:
+    """[b,...] on each rank → [world*b,...] in rank order, differentiable (contrastive negatives, NT-Xent).
+    Every rank must pass the same shape (equal per-rank batches)."""
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return x
+    return torch.cat(_GatherWithGrad.apply(x), dim=0)
+
+
+def all_gather_nograd(x: torch.Tensor) -> torch.Tensor:
+    """[b,...] → [world*b,...] without a gradient path (keys from a momentum encoder)."""
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out, dim=0)
