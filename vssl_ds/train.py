@@ -86,6 +86,7 @@ class Trainer:
 
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         self.method = build_method(cfg)
+        self.method.total_steps = self.total_steps  # momentum / temperature schedules span the run
         self.engine = Engine(cfg, self.method, device)
         torch.manual_seed(cfg.run.seed + 1000 * self.rank + 1)  # per-rank stream (drop path)
 

@@ -113,11 +113,26 @@ class BEVTConfig:
 
 
 @dataclass
+class LSTCLConfig:
+    """LSTCL (Wang et al., CVPR 2022). No public code: heads, temperature and momenta follow the frameworks
+    (MoCo v3, BYOL, SimSiam papers); clip strides are reconstructed (recipes mark them)."""
+    framework: str = "mocov3"  # mocov3 | byol | simsiam
+    proj_hidden: int = 4096
+    proj_dim: int = 256
+    proj_layers: int = 3  # MoCo v3: 3, BYOL: 2, SimSiam: 3
+    pred_hidden: int = 4096  # SimSiam: 512 (bottleneck)
+    temperature: float = 0.2  # MoCo v3
+    momentum: float = 0.99  # EMA start, cosine to 1 (MoCo v3 0.99, BYOL 0.996); unused by SimSiam
+    symmetric: bool = True  # add the term with the roles of the two clips swapped
+
+
+@dataclass
 class MethodConfig:
     name: str = "mae"
     mae: MAEConfig = field(default_factory=MAEConfig)
     mvd: MVDConfig = field(default_factory=MVDConfig)
     bevt: BEVTConfig = field(default_factory=BEVTConfig)
+    lstcl: LSTCLConfig = field(default_factory=LSTCLConfig)
 
 
 @dataclass
@@ -163,7 +178,8 @@ CHOICES = {
     "data.decoder": ("decord", "pyav", "torchcodec"),
     "data.view": ("clip", "scale_crop", "long_short", "frame_pair"),
     "model.attn_backend": ("auto", "xformers", "sdpa", "math"),
-    "method.name": ("mae", "mvd", "bevt"),
+    "method.name": ("mae", "mvd", "bevt", "lstcl"),
+    "method.lstcl.framework": ("mocov3", "byol", "simsiam"),
     "method.bevt.tokenizer": ("dalle", "kmeans"),
     "method.bevt.targets": ("online", "cache"),
     "method.mvd.mask": ("tube", "random"),

@@ -54,6 +54,10 @@ class Engine:
         optimizer = torch.optim.AdamW(method.param_groups(o.weight_decay), lr=0.0, betas=tuple(o.betas), eps=o.eps)
         self.ds, _, _, _ = deepspeed.initialize(model=method.trainable, optimizer=optimizer, config=self.ds_config)
         method.bind_student(self.ds)
+        # BatchNorm statistics are buffers DeepSpeed does not synchronise: like DDP, rank 0's are broadcast after
+        # every step so all ranks (and their checkpoints) agree. (Projector BNs are SyncBatchNorm on GPU.)
+        self._bn_buffers = [b for m in method.trainable.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                            for b in m.buffers()]
         stage3 = self.ds.zero_optimization_stage() == 3
         for module in method.frozen.modules():  # EMA targets read the full online weights under ZeRO-3
             if hasattr(module, "gather") and hasattr(module, "update"):
@@ -79,6 +83,9 @@ class Engine:
 
     def step(self) -> None:
         self.ds.step()
+        if self._bn_buffers and torch.distributed.is_initialized():
+            for b in self._bn_buffers:
+                torch.distributed.broadcast(b, 0)
 
     def at_boundary(self) -> bool:
         """True when the next step() applies the optimizer (gradient accumulation boundary)."""

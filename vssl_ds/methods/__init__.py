@@ -23,7 +23,13 @@ def _bevt(cfg: Config) -> Method:
     return BEVT(cfg)
 
 
-METHODS = {"mae": _mae, "mvd": _mvd, "bevt": _bevt}
+def _lstcl(cfg: Config) -> Method:
+    from .lstcl import LSTCL
+
+    return LSTCL(cfg)
+
+
+METHODS = {"mae": _mae, "mvd": _mvd, "bevt": _bevt, "lstcl": _lstcl}
 
 
 def build_method(cfg: Config) -> Method:

@@ -41,3 +41,18 @@ class MaskedDecoder(nn.Module):
         x = run_blocks(self.blocks, x, self.grad_ckpt, self.training)
         num_masked = pos_mask.shape[1]
         return self.head(self.norm(x[:, -num_masked:]))  # [B,Nm,out_dim]
+
+
+def mlp_head(in_dim: int, hidden: int, out_dim: int, layers: int, last_bn: bool = True,
+             last_affine: bool = False) -> nn.Sequential:
+    """MoCo v3 / BYOL / SimSiam projector and predictor: (Linear → BN → ReLU) × (layers−1) → Linear
+    [→ BN, without affine parameters for MoCo v3's projector]."""
+    mods: list[nn.Module] = []
+    dim = in_dim
+    for _ in range(layers - 1):
+        mods += [nn.Linear(dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
+        dim = hidden
+    mods.append(nn.Linear(dim, out_dim, bias=not last_bn))
+    if last_bn:
+        mods.append(nn.BatchNorm1d(out_dim, affine=last_affine))
+    return nn.Sequential(*mods)
