@@ -127,12 +127,28 @@ class LSTCLConfig:
 
 
 @dataclass
+class ViCMAEConfig:
+    """ViC-MAE (Hernandez et al.): MAE on two frames + NT-Xent on their pooled visible tokens."""
+    mask_ratio: float = 0.5
+    decoder_dim: int = 512
+    decoder_depth: int = 8
+    decoder_heads: int = 16
+    norm_pix_loss: bool = True
+    proj_hidden: int = 4096
+    proj_dim: int = 128
+    temperature: float = 0.1
+    contrastive_weight: float = 0.03
+    reconstruction_weight: float = 0.97
+
+
+@dataclass
 class MethodConfig:
     name: str = "mae"
     mae: MAEConfig = field(default_factory=MAEConfig)
     mvd: MVDConfig = field(default_factory=MVDConfig)
     bevt: BEVTConfig = field(default_factory=BEVTConfig)
     lstcl: LSTCLConfig = field(default_factory=LSTCLConfig)
+    vicmae: ViCMAEConfig = field(default_factory=ViCMAEConfig)
 
 
 @dataclass
@@ -178,14 +194,14 @@ CHOICES = {
     "data.decoder": ("decord", "pyav", "torchcodec"),
     "data.view": ("clip", "scale_crop", "long_short", "frame_pair"),
     "model.attn_backend": ("auto", "xformers", "sdpa", "math"),
-    "method.name": ("mae", "mvd", "bevt", "lstcl"),
+    "method.name": ("mae", "mvd", "bevt", "lstcl", "vicmae"),
     "method.lstcl.framework": ("mocov3", "byol", "simsiam"),
     "method.bevt.tokenizer": ("dalle", "kmeans"),
     "method.bevt.targets": ("online", "cache"),
     "method.mvd.mask": ("tube", "random"),
     "method.mvd.loss": ("smooth_l1", "l2", "l1"),
     "method.mvd.targets": ("online", "cache"),
-    "model.pos_embed": ("sincos", "sincos3d", "learned"),
+    "model.pos_embed": ("sincos", "sincos2d", "sincos3d", "learned"),
     "method.mae.mask": ("tube", "random", "block_tube"),
     "engine.zero_stage": (0, 1, 2, 3),
     "engine.precision": ("auto", "bf16", "fp16", "fp32"),

@@ -1,6 +1,8 @@
 """Methods by name. Each is a small module over the Method interface (base.py)."""
 from __future__ import annotations
 
+import numpy as np
+
 from ..config.schema import Config
 from .base import Method, StepOutput
 
@@ -29,7 +31,13 @@ def _lstcl(cfg: Config) -> Method:
     return LSTCL(cfg)
 
 
-METHODS = {"mae": _mae, "mvd": _mvd, "bevt": _bevt, "lstcl": _lstcl}
+def _vicmae(cfg: Config) -> Method:
+    from .vicmae import ViCMAE
+
+    return ViCMAE(cfg)
+
+
+METHODS = {"mae": _mae, "mvd": _mvd, "bevt": _bevt, "lstcl": _lstcl, "vicmae": _vicmae}
 
 
 def build_method(cfg: Config) -> Method:
@@ -57,7 +65,17 @@ def mask_fns(cfg: Config):
         cells = (m.num_frames // m.tubelet, m.img_size // 16, m.img_size // 16)
         return (partial(MASKS["block_tube"], cells, b.mask_ratio, min_block=b.min_block),
                 partial(MASKS["block"], cells[1:], b.image_mask_ratio, min_block=b.min_block))
+    if cfg.method.name == "vicmae":  # one random mask per frame of the pair, drawn together
+        grid = (cfg.model.img_size // cfg.model.patch,) * 2
+        return partial(_mask_pair, grid, cfg.method.vicmae.mask_ratio), None
     return None, None
+
+
+def _mask_pair(grid, ratio, rng):
+    from ..data.masking import random_mask
+
+    n = grid[0] * grid[1]
+    return np.concatenate([random_mask(n, ratio, rng), random_mask(n, ratio, rng)])  # [2N]
 
 
 def cache_targets(cfg: Config) -> tuple[tuple[str, ...], tuple[str, ...]]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .layers import Block, resolve_backend, run_blocks, sincos_3d_table, sincos_table
+from .layers import Block, resolve_backend, run_blocks, sincos_2d_table, sincos_3d_table, sincos_table
 from .vit import init_weights
 
 
@@ -20,7 +20,8 @@ class MaskedDecoder(nn.Module):
         self.num_prefix = num_prefix  # encoder tokens before the patches (CLS): kept, without position
         self.embed = nn.Linear(enc_dim, dim, bias=embed_bias)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        table = sincos_3d_table(grid, dim) if grid is not None else sincos_table(num_patches, dim)
+        table = sincos_table(num_patches, dim) if grid is None else \
+            sincos_3d_table(grid, dim) if len(grid) == 3 else sincos_2d_table(grid, dim)
         self.register_buffer("pos_embed", table, persistent=False)
         backend = resolve_backend(attn_backend)
         self.blocks = nn.ModuleList(Block(dim, heads, 4.0, True, 0.0, backend) for _ in range(depth))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .layers import Block, resolve_backend, run_blocks, sincos_table
+from .layers import Block, resolve_backend, run_blocks, sincos_2d_table, sincos_table
 from .registry import register_model
 from .vit import init_weights
 
@@ -26,8 +26,8 @@ class PatchEmbed2D(nn.Module):
 class ViT2D(nn.Module):
     def __init__(self, img_size=224, patch=16, in_chans=3, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
                  qkv_bias=True, drop_path=0.0, attn_backend="auto", grad_ckpt=False, cls_token=True,
-                 pos_embed="learned"):
-        super().__init__()
+                 pos_embed="learned", num_frames=1, tubelet=1):
+        super().__init__()  # num_frames / tubelet: accepted from the shared model config, unused (frames come one by one)
         self.embed_dim, self.grad_ckpt, self.depth = embed_dim, grad_ckpt, depth
         self.patch_embed = PatchEmbed2D(img_size, patch, in_chans, embed_dim)
         self.grid, self.num_patches, self.patch_size = self.patch_embed.grid, self.patch_embed.num_patches, patch
@@ -37,8 +37,10 @@ class ViT2D(nn.Module):
         if pos_embed == "learned":
             self.pos_embed = nn.Parameter(torch.zeros(1, n, embed_dim))
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        elif pos_embed == "sincos":
-            table = torch.cat([torch.zeros(1, self.num_prefix, embed_dim), sincos_table(self.num_patches, embed_dim)], 1)
+        elif pos_embed in ("sincos", "sincos2d"):  # fixed; MAE's 2D table, or a 1D one over the patch order
+            table = sincos_table(self.num_patches, embed_dim) if pos_embed == "sincos" else \
+                sincos_2d_table(self.grid, embed_dim)
+            table = torch.cat([torch.zeros(1, self.num_prefix, embed_dim), table], 1)
             self.register_buffer("pos_embed", table, persistent=False)
         else:
             raise ValueError(f"pos_embed must be 'sincos' or 'learned', got '{pos_embed}'")

@@ -1,0 +1,77 @@
+"""ViC-MAE (Hernandez et al.): an image MAE on two frames of one video (an image gives itself twice), plus a
+contrastive term: the mean of each frame's visible tokens after the final LayerNorm (no CLS) → projector →
+NT-Xent over the 2B embeddings gathered from every rank. Loss = 0.03·contrastive + 0.97·mean(reconstructions)."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config.schema import Config
+from ..data.batch import Batch
+from ..engine.dist import all_gather_grad
+from ..models import build_encoder
+from ..models.heads import MaskedDecoder, mlp_head
+from .base import Method, StepOutput
+from .losses import patchify
+
+
+class ViCMAEStudent(nn.Module):
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, projector: nn.Module):
+        super().__init__()
+        self.encoder, self.decoder, self.projector = encoder, decoder, projector
+
+    def forward(self, frames, mask):
+        """frames [2B,C,H,W] (view 1 then view 2), mask [2B,N] → (predictions [2B,Nm,P], embeddings [2B,E])"""
+        tokens = self.encoder(frames, mask)  # [2B,1+Nv,D], final LN applied
+        pooled = tokens[:, self.decoder.num_prefix:].mean(1)  # visible patch tokens only, no CLS
+        return self.decoder(tokens, mask), self.projector(pooled)
+
+
+class ViCMAE(Method):
+    def __init__(self, cfg: Config):
+        m, c = cfg.model, cfg.method.vicmae
+        encoder = build_encoder(m)
+        if encoder.patch_embed.proj.weight.dim() != 4:
+            raise ValueError(f"ViC-MAE encodes frames with a 2D ViT (vit2d_*), got model.name={m.name}")
+        prefix = 1 if encoder.cls_token is not None else 0
+        decoder = MaskedDecoder(encoder.num_patches, encoder.embed_dim, c.decoder_dim, c.decoder_depth,
+                                c.decoder_heads, 3 * m.patch ** 2, m.attn_backend, m.grad_ckpt, grid=encoder.grid,
+                                embed_bias=True, num_prefix=prefix)
+        projector = mlp_head(encoder.embed_dim, c.proj_hidden, c.proj_dim, 3, last_bn=False)
+        super().__init__(ViCMAEStudent(encoder, decoder, projector))
+        self.cfg, self.patch = c, m.patch
+        self.register_buffer("mean", torch.tensor(cfg.data.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(cfg.data.std).view(1, 3, 1, 1), persistent=False)
+
+    def pixel_targets(self, frames: torch.Tensor) -> torch.Tensor:
+        """MAE targets: each patch's pixels normalised by the patch's own mean/var.  # [B,N,p*p*3]"""
+        pixels = (frames.float() * self.std + self.mean)[:, :, None]  # [B,C,1,H,W] in [0,1]
+        x = patchify(pixels, (1, self.patch, self.patch)).flatten(2)  # [B,N,P*C]
+        if self.cfg.norm_pix_loss:
+            x = (x - x.mean(-1, keepdim=True)) / (x.var(-1, keepdim=True) + 1e-6) ** 0.5
+        return x
+
+    def forward(self, batch: Batch) -> StepOutput:
+        c = self.cfg
+        first, second = batch.video[:, :, 0], batch.views["second"][:, :, 0]  # [B,C,H,W] each
+        b, n = first.shape[0], batch.mask.shape[1] // 2
+        frames = torch.cat([first, second])
+        mask = torch.cat([batch.mask[:, :n], batch.mask[:, n:]])  # each view its own random mask
+        pred, z = self.student(frames, mask)
+        with torch.no_grad():
+            target = self.pixel_targets(frames)[mask].reshape(pred.shape)
+        recon = ((pred.float() - target) ** 2).mean(-1)  # [2B,Nm]
+        loss_rec = (recon[:b].mean() + recon[b:].mean()) / 2
+        loss_ctr = nt_xent(all_gather_grad(z[:b]), all_gather_grad(z[b:]), c.temperature)
+        loss = c.contrastive_weight * loss_ctr + c.reconstruction_weight * loss_rec
+        return StepOutput(loss, {"loss/reconstruction": loss_rec.detach(), "loss/contrastive": loss_ctr.detach()})
+
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+    """SimCLR's loss over 2N embeddings: each embedding's positive is its other view, the rest are negatives."""
+    z = F.normalize(torch.cat([z1, z2]).float(), dim=-1)
+    n = z1.shape[0]
+    sim = (z @ z.t() / temperature).fill_diagonal_(float("-inf"))
+    target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+    return F.cross_entropy(sim, target)
