@@ -142,6 +142,19 @@ class ViCMAEConfig:
 
 
 @dataclass
+class IBootConfig:
+    """iBoot: a video encoder bootstrapped from a frozen image model. No public code: every default here is
+    reconstructed from the paper (§3-4) and BYOL, and marked so in the recipe."""
+    teacher: str = "vit2d_base_patch16"  # timm:<name> (DINO, CLIP, MAE …) or a vssl_ds 2D model + weights
+    teacher_weights: str = ""
+    teacher_pool: str = "cls"  # cls | mean: the teacher's global embedding of a frame
+    proj_hidden: int = 4096
+    proj_dim: int = 256
+    pred_hidden: int = 4096
+    symmetric: bool = True  # both clips predict the other clip's teacher embedding
+
+
+@dataclass
 class MethodConfig:
     name: str = "mae"
     mae: MAEConfig = field(default_factory=MAEConfig)
@@ -149,6 +162,7 @@ class MethodConfig:
     bevt: BEVTConfig = field(default_factory=BEVTConfig)
     lstcl: LSTCLConfig = field(default_factory=LSTCLConfig)
     vicmae: ViCMAEConfig = field(default_factory=ViCMAEConfig)
+    iboot: IBootConfig = field(default_factory=IBootConfig)
 
 
 @dataclass
@@ -194,7 +208,8 @@ CHOICES = {
     "data.decoder": ("decord", "pyav", "torchcodec"),
     "data.view": ("clip", "scale_crop", "long_short", "frame_pair"),
     "model.attn_backend": ("auto", "xformers", "sdpa", "math"),
-    "method.name": ("mae", "mvd", "bevt", "lstcl", "vicmae"),
+    "method.name": ("mae", "mvd", "bevt", "lstcl", "vicmae", "iboot"),
+    "method.iboot.teacher_pool": ("cls", "mean"),
     "method.lstcl.framework": ("mocov3", "byol", "simsiam"),
     "method.bevt.tokenizer": ("dalle", "kmeans"),
     "method.bevt.targets": ("online", "cache"),

@@ -37,7 +37,13 @@ def _vicmae(cfg: Config) -> Method:
     return ViCMAE(cfg)
 
 
-METHODS = {"mae": _mae, "mvd": _mvd, "bevt": _bevt, "lstcl": _lstcl, "vicmae": _vicmae}
+def _iboot(cfg: Config) -> Method:
+    from .iboot import IBoot
+
+    return IBoot(cfg)
+
+
+METHODS = {"mae": _mae, "mvd": _mvd, "bevt": _bevt, "lstcl": _lstcl, "vicmae": _vicmae, "iboot": _iboot}
 
 
 def build_method(cfg: Config) -> Method:

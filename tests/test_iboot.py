@@ -1,0 +1,61 @@
+"""iBoot: the loss against an independent computation, frozen teacher, overfitting, 2-rank DeepSpeed run."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import check_run, launch, overfit, overrides
+from vssl_ds.config.loader import load_config
+from vssl_ds.data.batch import Batch
+from vssl_ds.methods import build_method
+from vssl_ds.models import create_model
+
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory):
+    path = tmp_path_factory.mktemp("iboot") / "teacher.pth"
+    torch.manual_seed(5)
+    torch.save(create_model("vit2d_micro_patch16", img_size=32).state_dict(), path)
+    return ["model.name=vit_micro_video", "model.img_size=32", "model.num_frames=4", "data.size=32",
+            "data.num_frames=4", "method.iboot.teacher=vit2d_micro_patch16", f"method.iboot.teacher_weights={path}",
+            "method.iboot.proj_hidden=32", "method.iboot.proj_dim=16", "method.iboot.pred_hidden=32"]
+
+
+def _batch():
+    g = torch.Generator().manual_seed(0)
+    return Batch(video=torch.randn(4, 3, 4, 32, 32, generator=g), views={"long": torch.randn(4, 3, 4, 32, 32, generator=g)})
+
+
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+def test_loss_matches_an_independent_computation(sets, pool):
+    torch.manual_seed(0)
+    method = build_method(load_config("iboot_vit_b", [*sets, f"method.iboot.teacher_pool={pool}"])).eval()
+    batch = _batch()
+    out = method(batch)
+    teacher = method.frozen.encoder
+    with torch.no_grad():
+        def emb(clip):  # every frame through the image model, CLS or mean of patch tokens, averaged over frames
+            frames = clip.permute(0, 2, 1, 3, 4).reshape(-1, 3, 32, 32)
+            tok = teacher(frames)
+            e = tok[:, 0] if pool == "cls" else tok[:, 1:].mean(1)
+            return e.reshape(4, 4, -1).mean(1)
+        a, b = batch.video, batch.views["long"]
+        expect = ((2 - 2 * F.cosine_similarity(method.trainable(a), emb(b))).mean()
+                  + (2 - 2 * F.cosine_similarity(method.trainable(b), emb(a))).mean()) / 2
+    assert torch.allclose(out.loss, expect, atol=1e-5)
+    assert not any(p.requires_grad for p in method.frozen.parameters())
+
+
+def test_iboot_overfits_a_fixed_batch(sets):
+    torch.manual_seed(0)
+    method = build_method(load_config("iboot_vit_b", sets))
+    first, last = overfit(method, _batch(), steps=40, lr=2e-3)
+    assert last < first / 2, (first, last)  # stated factor: 2x in 40 steps on a memorised batch
+
+
+@pytest.mark.slow
+def test_iboot_runs_with_two_deepspeed_ranks(sets, shards, tmp_path):
+    run = [*sets, "data.sampling_rate=2", "data.long_stride=2", "data.batch_size=2", "data.num_workers=1",
+           "optim.warmup_epochs=0", "optim.warmup_steps=2", "run.log_every=2", "run.ckpt_every=0", "run.max_steps=6",
+           f"data.train={shards}", f"run.out_dir={tmp_path}", "run.name=iboot"]
+    launch(["--config", "iboot_vit_b", *overrides(*run)])
+    check_run(tmp_path / "iboot", ("train/loss", "loss/iboot"), points=3)
