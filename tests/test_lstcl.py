@@ -72,12 +72,18 @@ def test_each_framework_fits_a_fixed_batch(fw):
     assert last < first - 0.1, (first, last)  # stated: the loss falls by at least 0.1 in 40 steps
 
 
+SWIN = ["model.name=swin3d_micro_st", "model.tubelet=2", "model.patch=4", "model.window=[2,4,4]"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("fw,stage", [("mocov3", 1), ("byol", 3)])
-def test_lstcl_runs_with_two_deepspeed_ranks(shards, tmp_path, fw, stage):
-    sets = [*TINY, "data.sampling_rate=2", "data.long_stride=4", "data.batch_size=2", "data.num_workers=1",
+@pytest.mark.parametrize("recipe,fw,stage,model", [("lstcl_mocov3_vit_b", "mocov3", 1, []),
+                                                   ("lstcl_byol_vit_b", "byol", 3, []),
+                                                   ("lstcl_simsiam_vit_b", "simsiam", 2, []),
+                                                   ("lstcl_mocov3_swin_b", "mocov3", 1, SWIN)])
+def test_lstcl_runs_with_two_deepspeed_ranks(shards, tmp_path, recipe, fw, stage, model):
+    sets = [*TINY, *model, "data.sampling_rate=2", "data.long_stride=4", "data.batch_size=2", "data.num_workers=1",
             "optim.warmup_epochs=0", "optim.warmup_steps=2", "run.log_every=2", "run.ckpt_every=0",
             "run.max_steps=6", f"engine.zero_stage={stage}", f"data.train={shards}", f"run.out_dir={tmp_path}",
             "run.name=lstcl"]
-    launch(["--config", f"lstcl_{fw}_vit_b", *overrides(*sets)])
+    launch(["--config", recipe, *overrides(*sets)])
     check_run(tmp_path / "lstcl", ("train/loss", f"loss/{fw}"), points=3)
