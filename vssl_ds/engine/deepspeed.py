@@ -6,6 +6,7 @@ parameter groups; the loop sees backward / step / save / load and nothing of Dee
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import deepspeed
@@ -27,7 +28,25 @@ def init_distributed(cfg: Config) -> torch.device:
     deepspeed.init_distributed(dist_backend=dist.resolve_backend(cfg.engine.backend, device),
                                auto_mpi_discovery=False, verbose=False)
     log.debug("launch: %s, device %s", kind, device)
+    if device.type == "cpu":
+        _unlink_shm_workspace()
     return device
+
+
+def _unlink_shm_workspace() -> None:
+    """Drop the name of DeepSpeed's CPU shm all-reduce workspace once every rank has mapped it.
+
+    DeepSpeed's shm comm op creates a 66 MB /dev/shm file per rank and never unlinks it, so every
+    CPU launch leaks RAM (tmpfs) until the machine reboots. The mappings stay valid after unlink;
+    the memory is returned when the last rank exits.
+    """
+    dist.barrier()  # every rank has opened every peer's workspace (shm_initialize loops until it has)
+    name = "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(
+        os.getuid(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""), dist.rank())
+    try:
+        os.unlink(os.path.join("/dev/shm", name))
+    except FileNotFoundError:  # the op was not built (no compatible compiler/ISA): nothing to drop
+        pass
 
 
 def check_ds_config(ds_config: dict, world_size: int = 1) -> None:
