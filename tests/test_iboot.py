@@ -1,4 +1,6 @@
 """iBoot: the loss against an independent computation, frozen teacher, overfitting, 2-rank DeepSpeed run."""
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -59,3 +61,47 @@ def test_iboot_runs_with_two_deepspeed_ranks(sets, shards, tmp_path):
            f"data.train={shards}", f"run.out_dir={tmp_path}", "run.name=iboot"]
     launch(["--config", "iboot_vit_b", *overrides(*run)])
     check_run(tmp_path / "iboot", ("train/loss", "loss/iboot"), points=3)
+
+
+def test_cached_frame_embeddings_give_the_online_step(sets, shards, tmp_path, capsys):
+    """Both clips of each long-short view are cached; replaying view k gives the online loss (fp16 storage)."""
+    from vssl_ds.data.build import build_loader
+    from vssl_ds.methods import cache_targets, mask_fns
+    from vssl_ds.tools.cache_teachers import main as cache_main
+
+    data = [*sets, "data.sampling_rate=2", "data.long_stride=2", "data.batch_size=2", "data.num_workers=0",
+            f"data.train={shards}", "data.shuffle_buffer=0"]
+    args = [str(tmp_path / "emb"), "--config", "iboot_vit_b", "--views", "2", "--batch", "4"]
+    for s in data:
+        args += ["--set", s]
+    assert cache_main(args) == 0
+    capsys.readouterr()
+    assert cache_main([*args, "--verify", "4"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["views"] == 4 and report["emb_long"]["cosine_min"] > 0.999 and report["emb_video"]["rel_err_max"] < 2e-3
+    cfg = load_config("iboot_vit_b", [*data, "method.iboot.targets=cache", f"data.targets={tmp_path / 'emb'}"])
+    loader, _ = build_loader(cfg.data, *mask_fns(cfg), 0, 1, 0, *cache_targets(cfg))
+    epochs, seen = [], []  # per epoch: one batch, and {key: (long clip, its cached embedding)}
+    for _ in range(3):
+        clips = {}
+        for i, batch in enumerate(loader):
+            batch = batch.to("cpu", cfg.data.mean, cfg.data.std)
+            assert batch.targets["emb_video"].shape == batch.targets["emb_long"].shape == (2, 4, 64)  # [B,T,D]
+            epochs.append(batch) if i == 0 else None
+            clips.update({k: (batch.views["long"][j], batch.targets["emb_long"][j]) for j, k in enumerate(batch.keys)})
+        seen.append(clips)
+    key = next(iter(seen[0]))
+    for part in range(2):  # views 0, 1, 0 (K = 2): the clip and its embedding come back together
+        assert torch.equal(seen[0][key][part], seen[2][key][part])
+        assert not torch.equal(seen[0][key][part], seen[1][key][part])
+    cached, online = build_method(cfg), build_method(load_config("iboot_vit_b", data))
+    assert not list(cached.frozen.parameters())  # the image model is not even built
+    online.trainable.load_state_dict(cached.trainable.state_dict())
+    for batch in epochs[:2]:
+        a, b = cached.eval()(batch), online.eval()(batch)
+        assert torch.allclose(a.loss, b.loss, rtol=2e-3, atol=1e-4), (a.loss, b.loss)
+    assert "iboot" in json.loads((tmp_path / "emb" / "targets.json").read_text())["fingerprint"]["method"]
+    bad = load_config("iboot_vit_b", [*data, "method.iboot.targets=cache", f"data.targets={tmp_path / 'emb'}",
+                                      "method.iboot.teacher_pool=mean"])
+    with pytest.raises(ValueError, match="teacher_pool"):
+        build_method(bad)

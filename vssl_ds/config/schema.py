@@ -152,6 +152,7 @@ class IBootConfig:
     proj_dim: int = 256
     pred_hidden: int = 4096
     symmetric: bool = True  # both clips predict the other clip's teacher embedding
+    targets: str = "online"  # online: the image model runs in the step | cache: frame embeddings from data.targets
 
 
 @dataclass
@@ -210,6 +211,7 @@ CHOICES = {
     "model.attn_backend": ("auto", "xformers", "sdpa", "math"),
     "method.name": ("mae", "mvd", "bevt", "lstcl", "vicmae", "iboot"),
     "method.iboot.teacher_pool": ("cls", "mean"),
+    "method.iboot.targets": ("online", "cache"),
     "method.lstcl.framework": ("mocov3", "byol", "simsiam"),
     "method.bevt.tokenizer": ("dalle", "kmeans"),
     "method.bevt.targets": ("online", "cache"),

@@ -91,6 +91,8 @@ def cache_targets(cfg: Config) -> tuple[tuple[str, ...], tuple[str, ...]]:
         return ("img", "vid"), ()
     if cfg.method.name == "bevt" and cfg.method.bevt.targets == "cache":
         return ("tok",), ("tok",)
+    if cfg.method.name == "iboot" and cfg.method.iboot.targets == "cache":
+        return ("emb_video", "emb_long"), ()
     return (), ()
 
 

@@ -14,6 +14,7 @@ from ..data.batch import Batch
 from ..models import build_encoder
 from ..models.heads import mlp_head
 from ..teachers import build_teacher
+from ..teachers.cache import check_fingerprint, iboot_fingerprint, load_manifest
 from .base import Method, StepOutput
 from .lstcl import Embed
 
@@ -27,42 +28,65 @@ class IBootOnline(nn.Module):
         return self.to_teacher(self.predictor(self.embed(clip)))
 
 
+def build_image_model(cfg: Config):
+    """The frozen image model of `method.iboot` (timm name or a vssl_ds 2D model + weight file)."""
+    c = cfg.method.iboot
+    extra = {} if c.teacher.startswith("timm:") else {"img_size": cfg.model.img_size}
+    return build_teacher(c.teacher, c.teacher_weights, **extra)
+
+
+@torch.no_grad()
+def frame_embeddings(teacher, clip: torch.Tensor, pool: str) -> torch.Tensor:
+    """The frozen image model's global embedding (CLS, or mean of patch tokens) of every frame.  # [B,T,D]"""
+    b, t = clip.shape[0], clip.shape[2]
+    frames = rearrange(clip, "b c t h w -> (b t) c h w")
+    enc = teacher.encoder
+    if pool == "mean":
+        tokens = teacher(frames, norm=True)
+        emb = tokens.mean(1) if tokens.dim() == 3 else tokens
+    elif teacher.timm_model:
+        emb = enc.norm(enc.blocks(enc.norm_pre(enc.patch_drop(enc._pos_embed(enc.patch_embed(
+            frames.to(next(enc.parameters()).dtype)))))))[:, 0]
+    elif getattr(enc, "cls_token", None) is None:
+        raise ValueError("method.iboot.teacher_pool=cls needs a teacher with a CLS token; use teacher_pool=mean")
+    else:
+        emb = enc(frames.to(next(enc.parameters()).dtype))[:, 0]
+    return emb.float().reshape(b, t, -1)
+
+
 class IBoot(Method):
     def __init__(self, cfg: Config):
         c, m = cfg.method.iboot, cfg.model
-        extra = {} if c.teacher.startswith("timm:") else {"img_size": m.img_size}
-        teacher = build_teacher(c.teacher, c.teacher_weights, **extra)
+        if c.targets == "cache":  # the image model ran once, offline: only its width is needed here
+            manifest = load_manifest(cfg.data.targets)
+            check_fingerprint(manifest, iboot_fingerprint(cfg), cfg.data.targets)
+            teacher, width_t = None, manifest["dims"]["emb_long"]
+        else:
+            teacher = build_image_model(cfg)
+            width_t = teacher.embed_dim
         backbone = build_encoder(m)
         width = getattr(backbone, "num_features", None) or backbone.embed_dim
         online = IBootOnline(Embed(backbone, mlp_head(width, c.proj_hidden, c.proj_dim, 2, last_bn=False)),
                              mlp_head(c.proj_dim, c.pred_hidden, c.proj_dim, 2, last_bn=False),
-                             nn.Linear(c.proj_dim, teacher.embed_dim))
+                             nn.Linear(c.proj_dim, width_t))
         super().__init__(online, teacher)
         self.cfg = c
 
-    @torch.no_grad()
-    def teacher_embedding(self, clip: torch.Tensor) -> torch.Tensor:
-        """The frozen image model's global embedding of every frame, averaged over frames.  # [B,D]"""
-        b, t = clip.shape[0], clip.shape[2]
-        tokens = self.frozen(rearrange(clip, "b c t h w -> (b t) c h w"), norm=True) if self.cfg.teacher_pool == "mean" \
-            else self._cls(rearrange(clip, "b c t h w -> (b t) c h w"))
-        emb = tokens.mean(1) if tokens.dim() == 3 else tokens
-        return emb.float().reshape(b, t, -1).mean(1)
-
-    def _cls(self, frames):
-        enc = self.frozen.encoder
-        if self.frozen.timm_model:
-            h = enc.norm(enc.blocks(enc.norm_pre(enc.patch_drop(enc._pos_embed(enc.patch_embed(
-                frames.to(next(enc.parameters()).dtype)))))))
-            return h[:, 0]
-        if getattr(enc, "cls_token", None) is None:
-            raise ValueError("teacher_pool=cls needs a teacher with a CLS token; use method.iboot.teacher_pool=mean")
-        return enc(frames.to(next(enc.parameters()).dtype))[:, 0]
+    def teacher_embedding(self, batch: Batch, name: str) -> torch.Tensor:
+        """The target of clip `name` (video | long): frame embeddings averaged over frames.  # [B,D]"""
+        if self.cfg.targets == "cache":
+            key = f"emb_{name}"
+            if key not in batch.targets:
+                raise ValueError("method.iboot.targets=cache but the batch has no cached frame embeddings "
+                                 f"('{key}'): set data.targets to the folder tools/cache_teachers.py wrote")
+            return batch.targets[key].float().mean(1)
+        clip = batch.video if name == "video" else batch.views[name]
+        return frame_embeddings(self.frozen, clip, self.cfg.teacher_pool).mean(1)
 
     def forward(self, batch: Batch) -> StepOutput:
         first, second = batch.video, batch.views["long"]
-        pairs = [(first, second)] + ([(second, first)] if self.cfg.symmetric else [])
-        losses = [(2 - 2 * F.cosine_similarity(self.student(a).float(), self.teacher_embedding(b), dim=-1)).mean()
+        pairs = [(first, "long")] + ([(second, "video")] if self.cfg.symmetric else [])
+        losses = [(2 - 2 * F.cosine_similarity(self.student(a).float(), self.teacher_embedding(batch, b), dim=-1)).mean()
                   for a, b in pairs]
         loss = sum(losses) / len(losses)
         return StepOutput(loss, {"loss/iboot": loss.detach()})

@@ -3,7 +3,8 @@
 A target shard has the video shard's name and, for each of its samples in the same order:
     key.views.json          {"views": [{"frames": [[...] per clip], "spatial": [{box,size,flip,...} per clip]}, ...],
                              "decoder": "decord", "version": "0.6.0"}   (or {"error": "..."} when the clip failed)
-    key.v{k}.{name}.npy     targets of view k (fp16 [N,D]; int8 [N,D] + key.v{k}.{name}_scale.npy fp16 [N,1])
+    key.v{k}.{name}.npy     targets of view k (fp16 [N,D]; int8 [N,D] + key.v{k}.{name}_scale.npy fp16 [N,1];
+                            uint16 [N] token ids; for iBoot, fp16 [T,D] frame embeddings of each clip)
 The manifest fingerprints everything that defines the targets; a run whose teacher spec differs is refused.
 """
 from __future__ import annotations
@@ -48,6 +49,16 @@ def bevt_fingerprint(cfg) -> dict:
             "tokenizer_size": m.img_size // 2, "size": d.size, "num_frames": d.num_frames,
             "sampling_rate": d.sampling_rate, "view": d.view, "short_range": list(d.short_range),
             "short_video": d.short_video, "images": Path(d.images).name if d.images else "", "seed": cfg.run.seed,
+            "decoder": d.decoder}
+
+
+def iboot_fingerprint(cfg) -> dict:
+    """Everything that decides iBoot's cached per-frame embeddings of both clips."""
+    c, d = cfg.method.iboot, cfg.data
+    return {"method": "iboot", "teacher": c.teacher, "teacher_weights": file_digest(c.teacher_weights),
+            "teacher_pool": c.teacher_pool, "size": d.size, "num_frames": d.num_frames,
+            "sampling_rate": d.sampling_rate, "long_stride": d.long_stride, "view": d.view,
+            "short_video": d.short_video, "mean": list(d.mean), "std": list(d.std), "seed": cfg.run.seed,
             "decoder": d.decoder}
 
 

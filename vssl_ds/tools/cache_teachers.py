@@ -2,10 +2,11 @@
 
     vssl-cache-teachers OUT --config mvd_vit_b --set data.train=/shards/k400/manifest.json \\
         --set method.mvd.image_teacher_weights=… --set method.mvd.video_teacher_weights=… --views 4
+    vssl-cache-teachers OUT --config iboot_vit_b --set method.iboot.teacher_weights=dino.pth …     # iBoot
     torchrun --nproc_per_node 8 -m vssl_ds.tools.cache_teachers OUT --config …      # shards split over ranks
     vssl-cache-teachers OUT --config … --verify 16                                   # re-run teachers, compare
 
-Then train with `--set method.mvd.targets=cache --set data.targets=OUT`. Each view is drawn with the run's own
+Then train with `--set method.<mvd|bevt|iboot>.targets=cache --set data.targets=OUT`. Each view is drawn with the run's own
 view sampler and recorded (frame indices, crop box in decoded pixels, flip, size); training replays view
 k = epoch mod K exactly and draws a fresh mask. Finished target shards are kept when the job is rerun.
 """
@@ -31,9 +32,10 @@ from ..data.sampling import ShortVideo
 from ..data.shards import resolve_shards
 from ..data.targets import decode_targets, encode_targets
 from ..data.transforms import apply_view, normalize
-from ..teachers.cache import MANIFEST, bevt_fingerprint, mvd_fingerprint
+from ..teachers.cache import MANIFEST, bevt_fingerprint, iboot_fingerprint, mvd_fingerprint
 
-JOBS = {"mvd": lambda cfg, device: Teachers(cfg, device), "bevt": lambda cfg, device: Tokenizer(cfg, device)}
+JOBS = {"mvd": lambda cfg, device: Teachers(cfg, device), "bevt": lambda cfg, device: Tokenizer(cfg, device),
+        "iboot": lambda cfg, device: FrameEmbeddings(cfg, device)}
 
 
 def parse_args(argv=None):
@@ -53,8 +55,8 @@ def _view_rng(seed: int, k: int, key: str) -> np.random.Generator:
 
 
 def draw_views(raw: dict, view, cfg, k_views: int):
-    """K views of one sample (video, or image as a 1-frame clip): (records, uint8 clips [K,T,H,W,C]);
-    raises DecodeError / ShortVideo."""
+    """K views of one sample (video, or image as a 1-frame clip): (records, uint8 clips [K,P,T,H,W,C]) with P
+    the clips of the view (1, or 2 for long_short); raises DecodeError / ShortVideo."""
     from ..data.decode import decode_image
     from ..data.pipeline import IMAGE_MEMBERS, MEDIA
 
@@ -64,20 +66,24 @@ def draw_views(raw: dict, view, cfg, k_views: int):
     records, clips = [], []
     for k in range(k_views):
         rng = _view_rng(cfg.run.seed, k, raw["__key__"])
-        picked: list[np.ndarray] = []
+        picked: list[list[np.ndarray]] = []
 
         def pick(n: int) -> np.ndarray:  # drawn once: a fallback decoder must not draw another view
             if not picked:
-                picked.append(view.pick(n, rng)[0])
-            return picked[0]
+                picked.append(view.pick(n, rng))
+            return np.concatenate(picked[0])  # every clip of the view, in order (repeats allowed)
 
         if member in IMAGE_MEMBERS:
             _, frames = decode_image(raw[member], pick)
         else:
             _, frames, _ = decode(raw[member], pick, decoder_order(cfg.data.decoder))
         spatial = view.spatial(frames.shape[1], frames.shape[2], rng)
-        clips.append(apply_view(torch.from_numpy(frames), spatial[0]))
-        records.append({"frames": [picked[0].tolist()], "spatial": spatial})
+        frames, parts, start = torch.from_numpy(frames), [], 0
+        for idx, p in zip(picked[0], spatial):
+            parts.append(apply_view(frames[start:start + len(idx)], p))
+            start += len(idx)
+        clips.append(torch.stack(parts))
+        records.append({"frames": [idx.tolist() for idx in picked[0]], "spatial": spatial})
     return records, torch.stack(clips)
 
 
@@ -92,12 +98,14 @@ class Teachers:
         self.cfg, self.device = cfg, device
         self.model = MVDTeachers(cfg).to(device).eval()
         self.dims = self.model.dims
+        m = cfg.model
+        self.rows = (m.num_frames // m.tubelet) * (m.img_size // m.patch) ** 2  # target rows per view
         self.fingerprint = mvd_fingerprint(cfg)
         self.streams = [("", cfg.data.train, view_from(cfg.data))]
 
     @torch.no_grad()
-    def __call__(self, clips: torch.Tensor) -> dict[str, torch.Tensor]:
-        video = normalize(clips.permute(0, 4, 1, 2, 3).to(self.device), self.cfg.data.mean, self.cfg.data.std)
+    def __call__(self, clips: torch.Tensor) -> dict[str, torch.Tensor]:  # clips [B,1,T,H,W,C] uint8
+        video = normalize(clips[:, 0].permute(0, 4, 1, 2, 3).to(self.device), self.cfg.data.mean, self.cfg.data.std)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             return {k: v.float().cpu() for k, v in self.model(video).items()}
 
@@ -114,6 +122,7 @@ class Tokenizer:
         self.cfg, self.device, self.size = cfg, device, cfg.model.img_size // 2
         self.model = build_tokenizer(c.tokenizer, c.tokenizer_weights).to(device)
         self.dims = {"tok": 1}
+        self.rows = cfg.model.num_frames * (cfg.model.img_size // 16) ** 2  # one id per 16-px cell of every frame
         self.vocab = self.model.vocab_size
         self.fingerprint = bevt_fingerprint(cfg)
         self.streams = [("", cfg.data.train, view_from(cfg.data))]
@@ -121,7 +130,8 @@ class Tokenizer:
             self.streams.append(("images", cfg.data.images, view_from(cfg.data, "image")))
 
     @torch.no_grad()
-    def __call__(self, clips: torch.Tensor) -> dict[str, torch.Tensor]:
+    def __call__(self, clips: torch.Tensor) -> dict[str, torch.Tensor]:  # clips [B,1,T,H,W,C] uint8
+        clips = clips[:, 0]
         b, t = clips.shape[:2]
         pixels = clips.flatten(0, 1).permute(0, 3, 1, 2).to(self.device).float() / 255  # [B*T,3,H,W]
         pixels = torch.nn.functional.interpolate(pixels, size=self.size, mode="bilinear", align_corners=False,
@@ -129,11 +139,36 @@ class Tokenizer:
         return {"tok": self.model(pixels).reshape(b, -1).cpu()}
 
 
-def _estimate(cfg, shards, k_views: int, dims: dict, dtype: str, out: Path) -> int:
-    m = cfg.model
-    tokens = (m.num_frames // m.tubelet) * (m.img_size // m.patch) ** 2
-    if dtype == "uint16":  # token ids: one per 16-px cell of every frame
-        tokens = m.num_frames * (m.img_size // 16) ** 2
+class FrameEmbeddings:
+    """iBoot's frozen image model on every frame of both clips → {"emb_video": [B,T,D], "emb_long": [B,T,D]}."""
+
+    names, dtypes = ("emb_video", "emb_long"), ("fp16",)
+
+    def __init__(self, cfg, device):
+        from ..methods.iboot import build_image_model
+
+        self.cfg, self.device, self.pool = cfg, device, cfg.method.iboot.teacher_pool
+        self.model = build_image_model(cfg).to(device).eval()
+        self.dims = {n: self.model.embed_dim for n in self.names}
+        self.rows = cfg.model.num_frames
+        self.fingerprint = iboot_fingerprint(cfg)
+        self.streams = [("", cfg.data.train, view_from(cfg.data))]
+        if self.streams[0][2].kind != "long_short":
+            raise SystemExit(f"error: iBoot caches the two clips of data.view=long_short (got '{cfg.data.view}')")
+
+    @torch.no_grad()
+    def __call__(self, clips: torch.Tensor) -> dict[str, torch.Tensor]:  # clips [B,2,T,H,W,C] uint8
+        from ..methods.iboot import frame_embeddings
+
+        out = {}
+        for i, name in enumerate(self.names):
+            video = normalize(clips[:, i].permute(0, 4, 1, 2, 3).to(self.device), self.cfg.data.mean, self.cfg.data.std)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                out[name] = frame_embeddings(self.model, video, self.pool).float().cpu()
+        return out
+
+
+def _estimate(cfg, shards, k_views: int, dims: dict, dtype: str, out: Path, tokens: int) -> int:
     per_value = 1 if dtype == "int8" else 2
     per_clip = k_views * sum(tokens * (d * per_value + (2 if dtype == "int8" else 0)) + 1024 for d in dims.values())
     counted = [s.samples for s in shards if s.samples >= 0]
@@ -257,7 +292,7 @@ def main(argv=None) -> int:
         listing[sub or "videos"] = [Path(s.url).name for s in shards]
         dest = out / sub
         dest.mkdir(parents=True, exist_ok=True)
-        per_clip = _estimate(cfg, shards, args.views, teachers.dims, dtype, dest) if rank == 0 else 0
+        per_clip = _estimate(cfg, shards, args.views, teachers.dims, dtype, dest, teachers.rows) if rank == 0 else 0
         todo = [s for s in shards[rank::world] if not (dest / Path(s.url).name).exists()]
         for stale in dest.glob("*.tar.tmp"):
             if any(stale.name.startswith(Path(s.url).name) for s in todo):
