@@ -36,10 +36,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(args: list[str], ranks: int = 2, timeout: int = 300, check: bool = True, **popen) -> subprocess.CompletedProcess:
-    """`deepspeed --num_gpus N pretrain.py ARGS` on CPU (gloo), exactly as a user runs it."""
+def launch(args: list[str], ranks: int = 2, timeout: int = 300, check: bool = True, script: str = "pretrain.py",
+           **popen) -> subprocess.CompletedProcess:
+    """`deepspeed --num_gpus N pretrain.py ARGS` (or another script of the repo) on CPU (gloo), as a user runs it."""
     runner = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
-    cmd = [runner, "--num_gpus", str(ranks), "--master_port", str(free_port()), str(ROOT / "pretrain.py"), *args]
+    cmd = [runner, "--num_gpus", str(ranks), "--master_port", str(free_port()), str(ROOT / script), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, **popen)
     if check and proc.returncode != 0:

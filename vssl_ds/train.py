@@ -244,7 +244,7 @@ class Trainer:
         faults = self.loader.fault_counts()
         scalars = {("train/" + k if "/" not in k else k): v for k, v in means.items()}
         scalars.update({
-            "opt/lr": self.engine.param_groups[0]["lr"],
+            "opt/lr": max(g["lr"] for g in self.engine.param_groups),  # the base lr (layer decay scales down)
             "opt/weight_decay": self.engine.param_groups[0]["weight_decay"],
             "perf/step_time_s": seconds / max(n / self.accum, 1),
             "perf/clips_per_s": clips_per_s,

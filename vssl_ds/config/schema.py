@@ -194,6 +194,31 @@ class EngineConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Downstream evaluation (vssl_ds/eval): fine-tuning, linear / attentive probes, kNN. Defaults follow
+    VideoMAE's fine-tuning recipe (ViT-B, Kinetics-400) and DINO's kNN."""
+    weights: str = ""  # encoder from tools/export.py (.safetensors, its .json beside it); "" = random init
+    num_classes: int = 0  # 0: the number of classes in data.train's manifest
+    val: str = ""  # labelled test shards (manifest, brace pattern or URLs); "" = no test pass
+    pool: str = "auto"  # auto (CLS if the encoder has one, else mean of tokens) | mean | cls
+    layer_decay: float = 0.75  # fine-tuning: lr of block i scaled by decay^(depth + 1 - i)
+    head_dropout: float = 0.0
+    head_init_scale: float = 0.001  # fine-tuning head weights: trunc_normal(0.02) times this
+    label_smoothing: float = 0.1
+    mixup: float = 0.8  # Beta(α, α) for mixup; 0 = off
+    cutmix: float = 1.0  # Beta(α, α) for cutmix (the same box on every frame); 0 = off
+    mix_prob: float = 1.0  # probability a batch is mixed at all
+    switch_prob: float = 0.5  # probability to use cutmix when both are on
+    probe_heads: int = 16  # attentive probe: heads of its cross-attention (width must divide)
+    test_clips: int = 5  # multi-clip testing: clips spread evenly over each video
+    test_crops: int = 3  # multi-crop testing: short side to data.size, crops along the long side
+    test_batch_size: int = 4  # videos per device in the test pass (each with clips x crops views)
+    knn_k: int = 20
+    knn_t: float = 0.07
+    knn_train_views: int = 1  # views (clips x 1 centre crop) averaged per training video for kNN
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -201,6 +226,7 @@ class Config:
     method: MethodConfig = field(default_factory=MethodConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # choices that a type alone cannot express; checked before any work starts
@@ -209,7 +235,8 @@ CHOICES = {
     "data.decoder": ("decord", "pyav", "torchcodec"),
     "data.view": ("clip", "scale_crop", "long_short", "frame_pair"),
     "model.attn_backend": ("auto", "xformers", "sdpa", "math"),
-    "method.name": ("mae", "mvd", "bevt", "lstcl", "vicmae", "iboot"),
+    "method.name": ("mae", "mvd", "bevt", "lstcl", "vicmae", "iboot", "finetune", "linear", "attentive"),
+    "eval.pool": ("auto", "mean", "cls"),
     "method.iboot.teacher_pool": ("cls", "mean"),
     "method.iboot.targets": ("online", "cache"),
     "method.lstcl.framework": ("mocov3", "byol", "simsiam"),

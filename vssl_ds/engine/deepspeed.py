@@ -94,7 +94,7 @@ class Engine:
 
     def set_schedule(self, lr: float, weight_decay: float) -> None:
         for group in self.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # layer-wise lr decay (fine-tuning)
             group["weight_decay"] = weight_decay * group.get("wd_scale", 1.0)
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -145,3 +145,22 @@ class Engine:
         if not rank_state:
             log.warning("%s is missing (different world size?): RNG and data position start afresh", rank_file)
         return client_state or {}, rank_state
+
+
+def consolidated_weights(tag_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The trainable module's full fp32 weights from one DeepSpeed checkpoint folder of any ZeRO stage
+    (ZeRO-3 partitions included), on CPU, without a process group → (state dict, client state)."""
+    tag_dir = Path(tag_dir)
+    states = sorted(tag_dir.glob("*mp_rank_00_model_states.pt"))
+    if not states:
+        raise FileNotFoundError(f"{tag_dir} holds no DeepSpeed model states (*mp_rank_00_model_states.pt): "
+                                "give a run folder, its checkpoints/ folder or one checkpoint folder in it")
+    saved = torch.load(states[0], map_location="cpu", weights_only=False)
+    if any(tag_dir.glob("*zero_pp_rank_*optim_states.pt")):  # ZeRO 1-3: the fp32 master weights are partitioned
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    else:  # no ZeRO: the module's own weights (fp32 unless trained in bf16/fp16 without master copies)
+        state = saved["module"]
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    return state, saved

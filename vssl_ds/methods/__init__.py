@@ -43,7 +43,17 @@ def _iboot(cfg: Config) -> Method:
     return IBoot(cfg)
 
 
-METHODS = {"mae": _mae, "mvd": _mvd, "bevt": _bevt, "lstcl": _lstcl, "vicmae": _vicmae, "iboot": _iboot}
+def _classifier(cfg: Config) -> Method:
+    from ..eval.classifier import Classifier
+
+    return Classifier(cfg)
+
+
+METHODS = {"mae": _mae, "mvd": _mvd, "bevt": _bevt, "lstcl": _lstcl, "vicmae": _vicmae, "iboot": _iboot,
+           "finetune": _classifier, "linear": _classifier, "attentive": _classifier}
+# where each method keeps its encoder inside its trainable module (tools/export.py takes it from there)
+ENCODER_PREFIX = {"mae": "encoder.", "mvd": "encoder.", "bevt": "encoder.", "vicmae": "encoder.",
+                  "lstcl": "embed.backbone.", "iboot": "embed.backbone.", "finetune": "encoder."}
 
 
 def build_method(cfg: Config) -> Method:
@@ -96,4 +106,4 @@ def cache_targets(cfg: Config) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return (), ()
 
 
-__all__ = ["cache_targets", "Method", "StepOutput", "build_method", "token_grid", "mask_fns", "METHODS"]
+__all__ = ["ENCODER_PREFIX", "cache_targets", "Method", "StepOutput", "build_method", "token_grid", "mask_fns", "METHODS"]

@@ -1,0 +1,125 @@
+"""Export and downstream evaluation: ZeRO-3 checkpoint → safetensors round trip, timm loading of 2D encoders,
+kNN voting, and every evaluation mode end to end with two DeepSpeed ranks."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY, launch, overrides
+from vssl_ds.eval.data import spread_crops, spread_clips
+from vssl_ds.eval.knn import vote
+from vssl_ds.eval.metrics import TopK
+from vssl_ds.models import create_model
+from vssl_ds.models.exported import load_exported, save_exported
+
+EVAL_DATA = ["data.num_frames=8", "data.sampling_rate=2", "data.size=32", "data.num_workers=1",
+             "eval.test_clips=2", "eval.test_crops=2", "eval.test_batch_size=2"]
+
+
+@pytest.fixture(scope="module")
+def val_shards(tmp_path_factory):
+    from vssl_ds.data.synthetic import write_synthetic_shards
+
+    return write_synthetic_shards(tmp_path_factory.mktemp("val"), clips=12, shards=3, frames=24, size=48, seed=7)
+
+
+@pytest.fixture(scope="module")
+def pretrained(shards, tmp_path_factory):
+    """A tiny MAE trained 4 steps by 2 ranks under ZeRO-3, and its exported encoder."""
+    from vssl_ds.tools.export import main as export
+
+    out = tmp_path_factory.mktemp("pre")
+    launch(overrides(*TINY, f"data.train={shards}", f"run.out_dir={out}", "run.name=mae", "run.max_steps=4",
+                     "engine.zero_stage=3"))
+    assert export([str(out / "mae"), "--out", str(out / "enc.safetensors")]) == 0
+    return out / "mae", out / "enc.safetensors"
+
+
+def test_export_round_trip_from_zero3_gives_identical_features(pretrained):
+    run, weights = pretrained
+    info = json.loads(weights.with_suffix(".json").read_text())
+    assert info["method"] == "mae" and info["step"] == 4 and info["model"]["name"] == "vit_micro_video"
+    model, _ = load_exported(weights)
+    # the reference: the trainer's own consolidated fp32 weights (final_model.pt), loaded by hand
+    ref = create_model("vit_micro_video", img_size=32, num_frames=8, patch=8)
+    full = torch.load(run / "final_model.pt")
+    ref.load_state_dict({k[len("encoder."):]: v for k, v in full.items() if k.startswith("encoder.")})
+    x = torch.randn(2, 3, 8, 32, 32)
+    assert torch.equal(model.eval()(x), ref.eval()(x))
+
+
+def test_exported_2d_encoder_loads_into_timm(tmp_path):
+    import timm
+    from safetensors.torch import load_file
+
+    from vssl_ds.config.schema import ModelConfig
+
+    torch.manual_seed(0)
+    m = ModelConfig(name="vit2d_micro_patch16", img_size=32, patch=16, pos_embed="sincos2d")
+    ours = create_model(m.name, img_size=32, pos_embed="sincos2d").eval()
+    info = save_exported(ours, m, {}, tmp_path / "enc.safetensors", {"method": "vicmae", "step": 0})
+    theirs = timm.create_model(info["timm"]["name"], pretrained=False, **info["timm"]["kwargs"]).eval()
+    theirs.load_state_dict(load_file(str(tmp_path / "enc.safetensors")))  # strict: timm's own names
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(theirs.forward_features(x), ours(x), atol=1e-5)
+    again, _ = load_exported(tmp_path / "enc.safetensors")
+    assert torch.allclose(again.eval()(x), ours(x), atol=1e-6)
+
+
+def test_knn_vote_weights_neighbours_by_similarity():
+    bank = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]]), dim=1)
+    labels = torch.tensor([0, 0, 1, 1])
+    query = torch.nn.functional.normalize(torch.tensor([[1.0, 0.2], [0.2, 1.0]]), dim=1)
+    scores = vote(query, bank, labels, num_classes=3, k=3, t=0.1)
+    sims = query @ bank.T
+    top = sims.topk(3, dim=1)
+    expect = torch.zeros(2, 3)
+    for i in range(2):
+        for s, j in zip(top.values[i], top.indices[i]):
+            expect[i, labels[j]] += torch.exp(s / 0.1)
+    assert torch.allclose(scores, expect) and scores.argmax(1).tolist() == [0, 1] and (scores[:, 2] == 0).all()
+
+
+def test_topk_and_test_views():
+    acc = TopK(torch.device("cpu"))
+    acc.add(torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1]]), torch.tensor([1, 2]))
+    assert (acc.top1, acc.top5, acc.count) == (50.0, 100.0, 2)
+    with pytest.raises(ValueError, match="unlabelled"):
+        acc.add(torch.zeros(1, 3), torch.tensor([-1]))
+    clips = spread_clips(40, 8, 2, 3, "loop")  # 3 clips of span 15 spread over 40 frames: starts 0, 12, 25
+    assert [int(c[0]) for c in clips] == [0, 12, 25] and all(np.diff(c).tolist() == [2] * 7 for c in clips)
+    assert spread_crops(48, 64, 3) == [[0, 0, 48, 48], [0, 8, 48, 48], [0, 16, 48, 48]]
+
+
+@pytest.mark.parametrize("mode,extra", [
+    ("linear", []),
+    ("attentive", ["eval.probe_heads=2"]),
+    ("finetune", ["engine.zero_stage=3", "eval.layer_decay=0.75", "model.drop_path=0.1"]),
+    ("knn", []),
+])
+def test_each_mode_runs_with_two_ranks_and_writes_its_results(mode, extra, pretrained, shards, val_shards, tmp_path):
+    _, weights = pretrained
+    train = [] if mode == "knn" else ["run.max_steps=4", "data.batch_size=2", "optim.warmup_epochs=0",
+                                      "optim.warmup_steps=1", "run.log_every=2", "run.ckpt_every=0"]
+    launch([mode, *overrides(*EVAL_DATA, *train, *extra, f"data.train={shards}", f"eval.val={val_shards}",
+                             f"eval.weights={weights}", f"run.out_dir={tmp_path}", "run.name=ev")],
+           script="tools/evaluate.py")
+    res = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert res["mode"] == mode and res["videos"] == 12 and res["num_classes"] == 4
+    assert 0 <= res["top1"] <= res["top5"] <= 100
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "ev" / "tb"))
+    acc.Reload()
+    assert acc.Scalars("eval/top1")[-1].value == pytest.approx(res["top1"])
+    if mode != "knn":
+        assert len(acc.Scalars("loss/ce")) == 2
+
+
+def test_eval_config_errors_name_the_field(pretrained, shards):
+    from vssl_ds.eval.run import main
+
+    _, weights = pretrained
+    assert main(["linear", "--set", f"eval.weights={weights}", "--set", "data.size=48", "--print-config"]) == 2
+    assert main(["knn", "--set", "eval.weights=/nope.safetensors", "--print-config"]) == 2

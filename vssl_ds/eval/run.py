@@ -1,0 +1,165 @@
+"""Downstream evaluation entry points, on the same spine as pretraining (config, DeepSpeed, resume, TensorBoard):
+
+    vssl-finetune         encoder + head trained end to end, then the multi-clip x multi-crop test pass
+    vssl-linear-probe     frozen encoder, BatchNorm + linear head
+    vssl-attentive-probe  frozen encoder, cross-attention probe
+    vssl-knn              frozen encoder, weighted kNN (no training)
+
+Each writes <run>/results.json (top-1 / top-5 on `eval.val`) and logs `eval/top1`, `eval/top5` to TensorBoard.
+Under the DeepSpeed launcher: `deepspeed --num_gpus 8 tools/evaluate.py linear --config linear_probe --set …`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from ..config import ConfigError, load_config, save_config
+from ..config.schema import Config
+from ..engine import dist
+from ..logging import Scalars, setup_console
+from .metrics import TopK
+from .testing import test_pass
+
+log = logging.getLogger("vssl_ds.eval")
+
+MODES = ("finetune", "linear", "attentive", "knn")
+RECIPES = {"finetune": "finetune_vit_b", "linear": "linear_probe", "attentive": "attentive_probe", "knn": "knn"}
+
+
+def parse_args(argv=None, mode: str | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=f"vssl-eval{' ' + mode if mode else ''}", description=__doc__.split("\n\n")[0])
+    if mode is None:
+        p.add_argument("mode", choices=MODES)
+    p.add_argument("--config", default="", help="recipe name or .yaml (default: the mode's recipe)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one field (repeatable)")
+    p.add_argument("--auto-resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.mode = mode or args.mode
+    args.config = args.config or RECIPES[args.mode]
+    return args
+
+
+def adopt_exported_architecture(cfg: Config) -> None:
+    """With eval.weights, the encoder's architecture comes from its JSON: copy it into cfg.model (so the run's
+    config.yaml records it) and check that the data produce clips of the size the encoder was built for."""
+    if not cfg.eval.weights:
+        return
+    from ..models.exported import read_info
+
+    if not Path(cfg.eval.weights).is_file():
+        raise ConfigError(f"eval.weights: no file '{cfg.eval.weights}' (export one with tools/export.py RUN_DIR)")
+    for key, value in read_info(cfg.eval.weights)["model"].items():
+        setattr(cfg.model, key, list(value) if isinstance(value, (list, tuple)) else value)
+    m, d = cfg.model, cfg.data
+    if d.size != m.img_size:
+        raise ConfigError(f"data.size={d.size} but the encoder in {cfg.eval.weights} takes {m.img_size}x{m.img_size} "
+                          f"inputs: set data.size={m.img_size}")
+    if not m.name.startswith("vit2d") and d.num_frames != m.num_frames:
+        raise ConfigError(f"data.num_frames={d.num_frames} but the encoder in {cfg.eval.weights} takes "
+                          f"{m.num_frames} frames: set data.num_frames={m.num_frames}")
+
+
+def write_results(cfg: Config, run_dir: Path, mode: str, scores: TopK, step: int, extra: dict) -> dict:
+    e = cfg.eval
+    results = {"mode": mode, "weights": e.weights or None, "encoder": cfg.model.name, "top1": scores.top1,
+               "top5": scores.top5, "videos": scores.count, "num_classes": extra.pop("num_classes"),
+               "val": e.val, "train": cfg.data.train, "step": step, **extra}
+    if dist.rank() == 0:
+        (run_dir / "results.json").write_text(json.dumps(results, indent=1))
+        tb = Scalars(run_dir / "tb")
+        tb.add({"eval/top1": scores.top1, "eval/top5": scores.top5}, step)
+        tb.close()
+    return results
+
+
+def train_and_test(cfg: Config, device: torch.device, mode: str) -> dict:
+    from ..train import NonFiniteLoss, Trainer
+
+    trainer = Trainer(cfg, device)
+    try:
+        run_dir = trainer.fit()
+    except NonFiniteLoss as e:
+        raise SystemExit(f"error: {e}")
+    if trainer.step < trainer.total_steps:  # preempted or stop_at: the test pass waits for the end of training
+        log.info("training left at step %d of %d: no test pass yet (rerun with --auto-resume)", trainer.step,
+                 trainer.total_steps)
+        return {}
+    e = cfg.eval
+    if not e.val:
+        log.warning("eval.val is empty: trained, but no test pass (give labelled test shards)")
+        return {}
+    method = trainer.method
+    method.eval()
+    scores = test_pass(lambda video: method.logits(video), cfg, e.test_clips, e.test_crops, device,
+                       lockstep=cfg.engine.zero_stage == 3 and mode == "finetune")
+    return write_results(cfg, run_dir, mode, scores, trainer.step,
+                         {"num_classes": method.num_classes, "clips": e.test_clips, "crops": e.test_crops})
+
+
+def knn_eval(cfg: Config, device: torch.device) -> dict:
+    from .knn import knn_classify
+
+    run_dir = Path(cfg.run.out_dir) / cfg.run.name
+    scores, num_classes = knn_classify(cfg, device, run_dir)
+    e = cfg.eval
+    return write_results(cfg, run_dir, "knn", scores, 0, {"num_classes": num_classes, "k": e.knn_k, "t": e.knn_t,
+                                                          "clips": e.test_clips, "crops": e.test_crops})
+
+
+def main(argv=None, mode: str | None = None) -> int:
+    args = parse_args(argv, mode)
+    try:
+        cfg = load_config(args.config, args.set)
+        if args.mode != "knn" and cfg.method.name != args.mode:
+            cfg.method.name = args.mode  # the entry point names the mode; a recipe of another mode still serves
+        adopt_exported_architecture(cfg)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    cfg.run.auto_resume = cfg.run.auto_resume or args.auto_resume
+    if args.print_config:
+        from ..config import to_yaml
+
+        print(to_yaml(cfg))
+        return 0
+    from ..engine.deepspeed import init_distributed
+
+    device = init_distributed(cfg)
+    setup_console(dist.rank())
+    run_dir = Path(cfg.run.out_dir) / cfg.run.name
+    if dist.rank() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    results = knn_eval(cfg, device) if args.mode == "knn" else train_and_test(cfg, device, args.mode)
+    if results and dist.rank() == 0:
+        print(f"\n{args.mode}: top-1 {results['top1']:.2f} %  top-5 {results['top5']:.2f} %  on {results['videos']} "
+              f"videos\n  results: {run_dir / 'results.json'}\n  tensorboard: tensorboard --logdir {run_dir / 'tb'}")
+    dist.barrier()
+    return 0
+
+
+def finetune(argv=None) -> int:
+    return main(argv, "finetune")
+
+
+def linear_probe(argv=None) -> int:
+    return main(argv, "linear")
+
+
+def attentive_probe(argv=None) -> int:
+    return main(argv, "attentive")
+
+
+def knn(argv=None) -> int:
+    return main(argv, "knn")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
