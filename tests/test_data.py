@@ -163,3 +163,12 @@ def test_image_stream_joins_video_batches(shards, image_shards):
     assert b.image.shape == (3, 3, 32, 32) and b.image_mask.shape == (3, 16) and b.video.shape[0] == 2
     state = loader.state_dict()
     assert state["images"]["epoch"] >= 1  # 48 images drawn from 20: the image stream cycled on its own
+
+
+def test_image_epoch_ending_with_a_video_epoch_goes_on(shards, image_shards):
+    """16 video batches take exactly 4 image epochs (20 images / 5): the next video epoch still gets images."""
+    d = _data(shards, batch_size=2, images=str(image_shards), image_batch_size=5, num_workers=1)
+    loader, _ = build_loader(d, mask_fn("tube", (4, 4, 4), 0.9), mask_fn("block", (4, 4), 0.5), 0, 1, 0)
+    assert len(list(loader)) == 16
+    again = list(loader)
+    assert len(again) == 16 and all(b.image.shape[0] == 5 for b in again)

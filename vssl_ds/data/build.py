@@ -61,12 +61,16 @@ class JointLoader:
         self.videos.next_epoch()
 
     def _endless_images(self) -> Iterator[Batch]:
+        empty = 0  # passes in a row without a batch
         while True:
             got = False
             for batch in self.images:
                 got = True
                 yield batch
-            if not got:
+            # one empty pass is the tail of an image epoch whose last batch was taken just before the previous
+            # video epoch closed this generator: the pass ends that epoch, the next pass starts a new one
+            empty = 0 if got else empty + 1
+            if empty >= 2:
                 raise RuntimeError("the image stream (data.images) yielded no batch in a whole epoch: "
                                    "check the shards and data.image_batch_size")
 
