@@ -123,3 +123,32 @@ def test_eval_config_errors_name_the_field(pretrained, shards):
     _, weights = pretrained
     assert main(["linear", "--set", f"eval.weights={weights}", "--set", "data.size=48", "--print-config"]) == 2
     assert main(["knn", "--set", "eval.weights=/nope.safetensors", "--print-config"]) == 2
+
+
+def test_an_exported_encoder_serves_as_a_frozen_teacher(tmp_path):
+    from vssl_ds.config.schema import ModelConfig
+    from vssl_ds.teachers import build_teacher
+
+    torch.manual_seed(0)
+    m = ModelConfig(name="vit2d_micro_patch16", img_size=32, patch=8)
+    ours = create_model(m.name, img_size=32, patch=8).eval()
+    save_exported(ours, m, {}, tmp_path / "img.safetensors", {"method": "vicmae", "step": 3})
+    teacher = build_teacher("vit2d_micro_patch16", str(tmp_path / "img.safetensors"), img_size=32)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(teacher(x, norm=True), ours(x)[:, 1:])  # the architecture (patch 8) came from the JSON
+    with pytest.raises(ValueError, match="img_size=64 but the exported encoder was built with img_size=32"):
+        build_teacher("vit2d_micro_patch16", str(tmp_path / "img.safetensors"), img_size=64)
+    with pytest.raises(ValueError, match="holds a vit2d_micro_patch16"):
+        build_teacher("vit2d_small_patch16", str(tmp_path / "img.safetensors"))
+
+
+def test_orbit_clips_are_labelled_by_direction_only(tmp_path):
+    from vssl_ds.data.synthetic import render_orbit_clip, write_synthetic_shards
+
+    manifest = json.loads(write_synthetic_shards(tmp_path, clips=4, shards=1, frames=4, size=32,
+                                                 task="orbit").read_text())
+    assert manifest["classes"] == ["clockwise", "anticlockwise"]
+    # the same draw with the other label runs the same path backwards: frame t of one is frame -t of the other
+    a = render_orbit_clip(np.random.default_rng(3), 0, 9, 48)
+    b = render_orbit_clip(np.random.default_rng(3), 1, 9, 48)
+    assert np.array_equal(a[0], b[0]) and not np.array_equal(a[1], b[1])

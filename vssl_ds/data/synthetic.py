@@ -53,6 +53,32 @@ def render_clip(rng: np.random.Generator, label: int, frames: int, size: int) ->
     return out
 
 
+def render_orbit_clip(rng: np.random.Generator, label: int, frames: int, size: int) -> np.ndarray:
+    """A random shape circling a point, clockwise (label 0) or anticlockwise (1): every single frame, and the
+    set of frames, is alike in both classes; only their order tells them apart.  # [T,H,W,3] uint8"""
+    yy, xx = np.mgrid[:size, :size] / size
+    base = (0.5 + 0.25 * np.sin(6 * xx[..., None] + 4 * yy[..., None] + rng.uniform(0, 2 * np.pi, 3))) * 255
+    noise = rng.normal(0, 8, (size, size, 3))
+    shape, color = SHAPES[int(rng.integers(len(SHAPES)))], rng.integers(0, 256, 3)
+    r = int(rng.integers(size // 10, size // 6))
+    orbit = rng.uniform(size / 6, size / 3 - r / 2)
+    centre = size / 2 + rng.uniform(-1, 1, 2) * (size / 2 - orbit - r)
+    omega = rng.uniform(0.12, 0.25) * (-1 if label == 0 else 1)  # radians per frame; y grows downwards
+    phase = rng.uniform(0, 2 * np.pi)
+    out = np.empty((frames, size, size, 3), np.uint8)
+    for t in range(frames):
+        canvas = np.clip(base + noise, 0, 255)
+        a = phase + omega * t
+        _draw(canvas, shape, centre[0] + orbit * np.sin(a), centre[1] + orbit * np.cos(a), r, color)
+        out[t] = canvas.astype(np.uint8)
+    return out
+
+
+# what a generated clip's label means: the shape (the embedded default), or the direction of motion (the
+# temporal sanity benchmark, where a frame-order-blind encoder cannot beat chance)
+TASKS = {"shape": (render_clip, SHAPES), "orbit": (render_orbit_clip, ("clockwise", "anticlockwise"))}
+
+
 def encode_mp4(frames: np.ndarray, fps: int = 25, crf: int = 20, gop: int = 16) -> bytes:
     """H.264 in MP4 with a short keyframe interval (cheap random access).  frames: [T,H,W,3] uint8"""
     import av
@@ -70,13 +96,15 @@ def encode_mp4(frames: np.ndarray, fps: int = 25, crf: int = 20, gop: int = 16) 
 
 
 def write_synthetic_shards(out_dir: str | Path, clips: int = 64, shards: int = 4, frames: int = 40,
-                           size: int = 96, fps: int = 25, seed: int = 0) -> Path:
-    """Write `shards` tar shards of `clips` clips and a manifest.json; returns the manifest path."""
+                           size: int = 96, fps: int = 25, seed: int = 0, task: str = "shape") -> Path:
+    """Write `shards` tar shards of `clips` clips (labels per `task`, see TASKS) and a manifest.json; returns
+    the manifest path."""
     import webdataset as wds
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
+    render, classes = TASKS[task]
     entries = []
     per_shard = [len(a) for a in np.array_split(np.arange(clips), shards)]
     index = 0
@@ -85,9 +113,9 @@ def write_synthetic_shards(out_dir: str | Path, clips: int = 64, shards: int = 4
         tmp = out / (name + ".tmp")
         with wds.TarWriter(str(tmp)) as sink:
             for _ in range(count):
-                label = int(rng.integers(len(SHAPES)))
-                video = render_clip(rng, label, frames, size)
-                meta = {"label": label, "class": SHAPES[label], "source": "synthetic", "fps": fps,
+                label = int(rng.integers(len(classes)))
+                video = render(rng, label, frames, size)
+                meta = {"label": label, "class": classes[label], "source": "synthetic", "fps": fps,
                         "frames": frames, "size": [size, size], "duration": frames / fps}
                 sink.write({"__key__": f"clip{index:07d}", "mp4": encode_mp4(video, fps),
                             "json": json.dumps(meta).encode()})
@@ -95,7 +123,7 @@ def write_synthetic_shards(out_dir: str | Path, clips: int = 64, shards: int = 4
         tmp.replace(out / name)  # a shard is either whole or absent
         entries.append({"url": name, "samples": count})
     manifest = out / "manifest.json"
-    manifest.write_text(json.dumps({"shards": entries, "classes": list(SHAPES), "total": clips,
+    manifest.write_text(json.dumps({"shards": entries, "classes": list(classes), "total": clips,
                                     "kind": "video"}, indent=1))
     return manifest
 

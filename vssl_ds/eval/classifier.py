@@ -23,6 +23,7 @@ from ..config.schema import Config
 from ..data.batch import Batch
 from ..methods.base import NO_DECAY_NAMES, Method, StepOutput
 from ..models import build_encoder
+from ..models.vit2d import ViT2D
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def build_eval_encoder(cfg: Config) -> nn.Module:
 def encoder_tokens(encoder: nn.Module, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """video [B,C,T,H,W] → (patch tokens [B,L,D] after the final norm, CLS [B,D] or None). A 2D ViT encodes
     every frame on its own (its tokens are concatenated over frames, its CLS averaged)."""
-    if encoder.patch_embed.proj.weight.dim() == 4:  # 2D ViT (ViC-MAE, image models)
+    if isinstance(encoder, ViT2D):  # an image ViT (ViC-MAE, image models)
         b = video.shape[0]
         x = encoder(rearrange(video, "b c t h w -> (b t) c h w"))
         p = encoder.num_prefix

@@ -3,6 +3,7 @@
     build_teacher("timm:vit_base_patch16_224.mae", weights="/models/mae_vitb.pth")   # any timm ViT
     build_teacher("vit_base_video", weights="/models/videomae_vitb_k400.pth")         # a vssl_ds model
     build_teacher("vit2d_base_patch16", weights="/models/mae_pretrain_vit_base.pth")
+    build_teacher("vit2d_base_patch16", weights="runs/x/export/encoder.safetensors")    # tools/export.py output
 
 `Teacher.forward(x, norm=False)` returns tokens `[B,N,D]` without the prefix (CLS) tokens: the last block's
 output without the final norm (MVD's targets), or after it with `norm=True`.
@@ -69,6 +70,22 @@ def build_teacher(spec: str, weights: str = "", **model_kwargs) -> Teacher:
         return Teacher(model, getattr(model, "num_prefix_tokens", 1), timm_model=True)
     if not weights:
         raise ValueError(f"teacher '{spec}' needs a weight file (a vssl_ds model is never pretrained by itself)")
+    from ..models.exported import info_path, load_exported
+
+    if info_path(weights).is_file() and str(weights).endswith(".safetensors"):  # exported: its JSON has the arch
+        model, info = load_exported(weights)
+        arch = info["model"]
+        if arch["name"] != spec:
+            raise ValueError(f"teacher '{spec}': {weights} holds a {arch['name']} (name that model instead)")
+        differ = {k: (v, arch[k]) for k, v in model_kwargs.items() if k in arch and v != arch[k]}
+        if differ:
+            raise ValueError(f"teacher '{spec}' from {weights}: the input needs " + ", ".join(
+                f"{k}={v}" for k, (v, _) in differ.items()) + " but the exported encoder was built with " + ", ".join(
+                f"{k}={a}" for k, (_, a) in differ.items()) + " (see its .json)")
+        log.info("teacher %s loaded from %s (exported by vssl_ds, %s step %s)", spec, weights, info.get("method"),
+                 info.get("step"))
+        prefix = 1 if getattr(model, "cls_token", None) is not None else 0
+        return Teacher(model, prefix, timm_model=False)
     model = create_model(spec, **model_kwargs)
     fmt = load_pretrained(model, weights)
     log.info("teacher %s loaded from %s (%s format)", spec, weights, fmt)

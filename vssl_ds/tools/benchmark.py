@@ -4,6 +4,7 @@
     vssl-benchmark attention [--tokens 1568 --heads 12 --head-dim 64 --batch 8] [--backends math,sdpa,xformers]
     vssl-benchmark model [--models vit_base_video,vit_large_video] [--mask-ratio 0.9] [--grad-ckpt]
     vssl-benchmark cache [--student vit_small_video --image-teacher vit2d_base_patch16 --video-teacher vit_base_video]
+    vssl-benchmark temporal [--methods mae,vicmae,mvd,iboot,lstcl,bevt] [--steps 300]   (see temporal.py)
 
 `data`: clips/s of the vssl_ds pipeline (tar shards → decord → crop → mask, per-sample views) against a
 baseline modelled on VideoMAE's pretraining loader (one decord.VideoReader per video *file*, TSN-style
@@ -60,6 +61,9 @@ def parse_args(argv=None):
     c.add_argument("--batch", type=int, default=2)
     c.add_argument("--frames", type=int, default=16)
     c.add_argument("--size", type=int, default=224)
+    from .temporal import add_args
+
+    add_args(sub)
     for q in (a, m, c):
         q.add_argument("--backends", default="math,sdpa,xformers")
         q.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="auto: bf16 on GPU")
@@ -310,8 +314,10 @@ def bench_cache(args) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from .temporal import bench_temporal
+
     result = {"data": bench_data, "attention": bench_attention, "model": bench_model,
-              "cache": bench_cache}[args.what](args)
+              "cache": bench_cache, "temporal": bench_temporal}[args.what](args)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     return 0

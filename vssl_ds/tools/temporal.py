@@ -1,0 +1,189 @@
+"""The temporal sanity benchmark: does pretraining teach an encoder the order of frames?
+
+    vssl-benchmark temporal [--methods mae,vicmae,mvd,iboot,lstcl,bevt] [--steps 300] [--workdir bench/temporal]
+
+Generated labelled clips whose only difference between the two classes is the direction in which a shape
+circles (clockwise / anticlockwise, data/synthetic.py `orbit`): every frame, and the set of frames, looks alike
+in both. Each method pretrains a tiny encoder on the training clips (labels unused), the encoder is exported,
+and a linear probe is trained on its frozen features; the same probe on the same architecture, randomly
+initialised, is the baseline. Every stage is the real command (pretrain.py, export, the linear probe) in a
+subprocess, on CPU. MVD's teachers come from the MAE and ViC-MAE stages of the same run (the paper's two-stage
+path); iBoot's frozen image model is the ViC-MAE encoder; BEVT's tokenizer is k-means on the training frames.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+VIT = ["model.name=vit_micro_video", "model.img_size=32", "model.num_frames=8", "model.patch=8"]
+DATA = ["data.size=32", "data.num_frames=8", "data.sampling_rate=2", "data.num_workers=1"]
+METHODS = {  # name → (recipe, tiny overrides); "{...}" fields are filled from earlier stages
+    "mae": ("tiny_mae", [*VIT, "method.mae.decoder_dim=64", "method.mae.decoder_depth=1", "method.mae.decoder_heads=2"]),
+    "vicmae": ("vicmae_vit_b", ["model.name=vit2d_micro_patch16", "model.img_size=32", "model.patch=8",
+                                "data.max_gap=8", "method.vicmae.decoder_dim=64", "method.vicmae.decoder_depth=1",
+                                "method.vicmae.decoder_heads=2", "method.vicmae.proj_hidden=128",
+                                "method.vicmae.proj_dim=32"]),
+    "mvd": ("mvd_vit_s", [*VIT, "method.mvd.image_teacher=vit2d_micro_patch16", "method.mvd.video_teacher=vit_micro_video",
+                          "method.mvd.image_teacher_weights={vicmae}", "method.mvd.video_teacher_weights={mae}",
+                          "method.mvd.decoder_dim=64", "method.mvd.decoder_heads=2", "method.mvd.decoder_depth=1",
+                          "engine.grad_accum=1"]),
+    "iboot": ("iboot_vit_b", [*VIT, "method.iboot.teacher=vit2d_micro_patch16", "method.iboot.teacher_weights={vicmae}",
+                              "method.iboot.proj_hidden=128", "method.iboot.proj_dim=32", "method.iboot.pred_hidden=128",
+                              "data.long_stride=4"]),
+    "lstcl": ("lstcl_mocov3_vit_b", ["model.name=vit_micro_divided_st", "model.img_size=32", "model.num_frames=8",
+                                     "model.patch=8", "method.lstcl.proj_hidden=128", "method.lstcl.proj_dim=32",
+                                     "method.lstcl.pred_hidden=128", "data.long_stride=4"]),
+    "bevt": ("bevt_swin_b", ["model.name=swin3d_micro", "model.img_size=32", "model.num_frames=8", "model.window=[2,4,4]",
+                             "data.short_range=[32,40]", "data.image_batch_size={batch}", "data.images={images}",
+                             "method.bevt.tokenizer=kmeans", "method.bevt.tokenizer_weights={tokenizer}",
+                             "method.bevt.min_block=1", "engine.grad_accum=1"]),
+}
+
+
+def add_args(sub) -> None:
+    t = sub.add_parser("temporal", help="linear probe after each method's pretraining vs random init, on clips "
+                                        "that only frame order tells apart")
+    t.add_argument("--methods", default=",".join(METHODS))
+    t.add_argument("--steps", type=int, default=300, help="pretraining steps per method")
+    t.add_argument("--probe-steps", type=int, default=300)
+    t.add_argument("--batch", type=int, default=8)
+    t.add_argument("--train-clips", type=int, default=256)
+    t.add_argument("--val-clips", type=int, default=96)
+    t.add_argument("--workdir", default="bench/temporal", help="shards, runs and results (kept; finished stages "
+                                                               "are reused when rerun)")
+    t.add_argument("--json", default="")
+
+
+def _run(args: list[str], log: Path) -> None:
+    """One stage as a subprocess (single process, CPU); its output goes to `log`, a failure shows its tail."""
+    with open(log, "w") as f:
+        proc = subprocess.run([sys.executable, *args], stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(args[:4])} … failed ({proc.returncode}); the tail of {log}:\n"
+                           + "".join(log.read_text().splitlines(keepends=True)[-30:]))
+
+
+def _sets(items) -> list[str]:
+    return [a for item in items for a in ("--set", item)]
+
+
+def _data(work: Path, a) -> dict:
+    from ..data.synthetic import write_synthetic_shards
+
+    out = {}
+    for split, clips, seed in (("train", a.train_clips, 11), ("val", a.val_clips, 12)):
+        manifest = work / split / "manifest.json"
+        if not manifest.is_file():
+            write_synthetic_shards(manifest.parent, clips=clips, shards=4, frames=32, size=48, seed=seed, task="orbit")
+        out[split] = manifest
+    images = work / "images" / "manifest.json"
+    if "bevt" in a.methods and not images.is_file():  # BEVT's image stream: single frames of the training clips
+        import numpy as np
+        from PIL import Image
+
+        from ..data.synthetic import render_orbit_clip
+        from .make_shards import main as make_shards
+
+        rng = np.random.default_rng(13)
+        for i in range(64):
+            folder = work / "image_src" / "frames"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(render_orbit_clip(rng, i % 2, 1, 48)[0]).save(folder / f"f{i:03d}.png")
+        make_shards([str(work / "image_src"), str(images.parent), "--kind", "image", "--prefix", "frames",
+                     "--max-per-shard", "16", "--workers", "1"])
+    out["images"] = images
+    return out
+
+
+def _random_like(exported: str) -> str:
+    """The baseline: the exported encoder's architecture, randomly initialised, exported the same way."""
+    from dataclasses import fields
+
+    import torch
+
+    from ..config.schema import ModelConfig
+    from ..models import build_encoder
+    from ..models.exported import read_info, save_exported
+
+    out = Path(exported).with_name("random_" + Path(exported).name)
+    if not out.is_file():
+        info = read_info(exported)
+        known = {f.name for f in fields(ModelConfig)}
+        m = ModelConfig(**{k: v for k, v in info["model"].items() if k in known})
+        torch.manual_seed(0)
+        save_exported(build_encoder(m, **info.get("extra", {})), m, info.get("extra", {}), out,
+                      {"method": "random", "step": 0})
+    return str(out)
+
+
+def _probe(work: Path, name: str, data: dict, a, weights: str) -> dict:
+    """Linear probe on the frozen features of the exported encoder `weights` → its results.json."""
+    run = work / "probes" / name
+    if not (run / "results.json").is_file():
+        sets = [*DATA, f"data.train={data['train']}", f"eval.val={data['val']}", f"data.batch_size={a.batch}",
+                f"run.max_steps={a.probe_steps}", "optim.lr=1e-3", "optim.warmup_epochs=0", "optim.warmup_steps=20",
+                "run.log_every=50", "run.ckpt_every=0", "eval.test_clips=2", "eval.test_crops=1",
+                f"run.out_dir={run.parent}", f"run.name={name}", f"eval.weights={weights}"]
+        _run(["-m", "vssl_ds.eval.run", "linear", "--config", "linear_probe", *_sets(sets)], work / f"probe_{name}.log")
+    return json.loads((run / "results.json").read_text())
+
+
+def _pretrain(work: Path, name: str, data: dict, a, filled: dict) -> str:
+    """Pretrain `name` and export its encoder → the exported .safetensors path."""
+    from .export import export
+
+    out = work / "export" / f"{name}.safetensors"
+    if out.is_file():
+        return str(out)
+    recipe, sets = METHODS[name]
+    sets = [s.format(**filled) for s in sets] + [
+        *DATA, f"data.train={data['train']}", f"data.batch_size={a.batch}", f"run.max_steps={a.steps}",
+        "optim.lr=1e-3", "optim.warmup_epochs=0", "optim.warmup_steps=20", "run.log_every=50", "run.ckpt_every=0",
+        f"run.out_dir={work / 'runs'}", f"run.name={name}"]
+    _run(["-c", "import sys; from vssl_ds.train import main; sys.exit(main())", "--config", recipe, *_sets(sets)],
+         work / f"pretrain_{name}.log")
+    export(work / "runs" / name, out)
+    return str(out)
+
+
+def bench_temporal(a) -> dict:
+    work = Path(a.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    a.methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    unknown = sorted(set(a.methods) - set(METHODS))
+    if unknown:
+        raise SystemExit(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
+    need = {"mvd": ["mae", "vicmae"], "iboot": ["vicmae"]}  # stages whose encoders a later method uses
+    order = [m for m in METHODS if m in a.methods or any(m in need.get(x, []) for x in a.methods)]
+    data = _data(work, a)
+    filled = {"batch": a.batch, "images": data["images"]}
+    if "bevt" in order:
+        tok = work / "kmeans.pt"
+        if not tok.is_file():
+            from .fit_tokenizer import main as fit
+
+            fit([str(data["train"]), str(tok), "--codes", "64", "--frames", "2000", "--patches", "20000",
+                 "--size", "32", "--short-range", "32", "40", "--workers", "1"])
+        filled["tokenizer"] = tok
+    rows = {}
+    print(f"temporal sanity benchmark in {work}: {', '.join(a.methods)}", flush=True)
+    for name in order:
+        t0 = time.time()
+        filled[name] = _pretrain(work, name, data, a, filled)
+        if name not in a.methods:  # only a teacher stage for a later method
+            continue
+        trained = _probe(work, name, data, a, filled[name])
+        baseline = _probe(work, f"random_{name}", data, a, _random_like(filled[name]))
+        rows[name] = {"encoder": trained["encoder"], "pretrained_top1": trained["top1"],
+                      "random_top1": baseline["top1"], "gain": round(trained["top1"] - baseline["top1"], 2),
+                      "seconds": round(time.time() - t0, 1)}
+        print(f"{name:7s} {trained['encoder']:22s} pretrained {trained['top1']:6.2f} %   random init "
+              f"{baseline['top1']:6.2f} %   ({rows[name]['seconds']:.0f} s)", flush=True)
+    result = {"task": "orbit direction (2 classes, chance 50 %)", "train_clips": a.train_clips,
+              "val_clips": a.val_clips, "pretrain_steps": a.steps, "probe_steps": a.probe_steps, "batch": a.batch,
+              "methods": {m: rows[m] for m in a.methods}}
+    (work / "results.json").write_text(json.dumps(result, indent=1))
+    return result
