@@ -165,7 +165,25 @@ def write_demo_source(out_dir: str | Path, generated: int = 12, segment: float =
     return csv
 
 
-if __name__ == "__main__":  # python -m vssl_ds.data.synthetic OUT → OUT/clips.csv
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m vssl_ds.data.synthetic", description="Generated clips to try vssl_ds on.")
+    p.add_argument("out", nargs="?", default="data/demo_source")
+    p.add_argument("--shards", action="store_true", help="write shards + manifest.json (default: a raw collection "
+                                                         "with a CSV, for make_shards)")
+    p.add_argument("--clips", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--task", choices=sorted(TASKS), default="shape", help="what the labels mean")
+    a = p.parse_args(argv)
+    if a.shards:
+        print(write_synthetic_shards(a.out, clips=a.clips, shards=4, seed=a.seed, task=a.task))
+    else:
+        print(write_demo_source(a.out, seed=a.seed))
+    return 0
+
+
+if __name__ == "__main__":  # python -m vssl_ds.data.synthetic OUT → OUT/clips.csv; --shards → OUT/manifest.json
     import sys
 
-    print(write_demo_source(sys.argv[1] if len(sys.argv) > 1 else "data/demo_source"))
+    sys.exit(main())
