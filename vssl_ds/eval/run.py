@@ -98,7 +98,7 @@ def train_and_test(cfg: Config, device: torch.device, mode: str) -> dict:
     method = trainer.method
     method.eval()
     scores = test_pass(lambda video: method.logits(video), cfg, e.test_clips, e.test_crops, device,
-                       lockstep=cfg.engine.zero_stage == 3 and mode == "finetune")
+                       lockstep=cfg.engine.zero_stage == 3)  # ZeRO-3: every forward gathers weights
     return write_results(cfg, run_dir, mode, scores, trainer.step,
                          {"num_classes": method.num_classes, "clips": e.test_clips, "crops": e.test_crops})
 
