@@ -93,8 +93,8 @@ def test_topk_and_test_views():
 
 
 @pytest.mark.parametrize("mode,extra", [
-    ("linear", []),
-    ("attentive", ["eval.probe_heads=2"]),
+    ("linear", ["engine.precision=bf16"]),  # the head in bf16, the features from a bf16 frozen encoder
+    ("attentive", ["eval.probe_heads=2", "engine.zero_stage=2"]),
     ("finetune", ["engine.zero_stage=3", "eval.layer_decay=0.75", "model.drop_path=0.1"]),
     ("knn", []),
 ])

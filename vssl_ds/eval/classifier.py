@@ -99,7 +99,7 @@ class LinearHead(nn.Module):
         nn.init.zeros_(self.fc.bias)
 
     def forward(self, feature):  # [B,D]
-        return self.fc(self.bn(feature.float()))
+        return self.fc(self.bn(feature.to(self.fc.weight.dtype)))  # the engine may hold the head in bf16
 
 
 class AttentiveHead(nn.Module):
