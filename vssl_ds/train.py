@@ -265,6 +265,24 @@ class Trainer:
                  100 * scalars["perf/data_wait_frac"], scalars["perf/peak_mem_gib"])
 
 
+def start_process(cfg: Config) -> torch.device:
+    """Join the process group (any launcher) and set up this rank's console log → its device."""
+    from .engine.deepspeed import init_distributed
+
+    device = init_distributed(cfg)
+    setup_console(dist.rank())
+    return device
+
+
+def open_run_dir(cfg: Config) -> Path:
+    """The run folder, with the fully resolved config written into it (rank 0)."""
+    run_dir = Path(cfg.run.out_dir) / cfg.run.name
+    if dist.rank() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    return run_dir
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.list_recipes:
@@ -281,15 +299,9 @@ def main(argv=None) -> int:
     if args.print_config:
         print(to_yaml(cfg))
         return 0
-    from .engine.deepspeed import init_distributed
-
-    device = init_distributed(cfg)
-    setup_console(dist.rank())
+    device = start_process(cfg)
     ensure_default_data(cfg)
-    run_dir = Path(cfg.run.out_dir) / cfg.run.name
-    if dist.rank() == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+    run_dir = open_run_dir(cfg)
     trainer = Trainer(cfg, device)
     try:
         run_dir = trainer.fit()

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from ..config import ConfigError, load_config, save_config
+from ..config import ConfigError, load_config
 from ..config.schema import Config
 from ..engine import dist
-from ..logging import Scalars, setup_console
+from ..logging import Scalars
 from .metrics import TopK
 from .testing import test_pass
 
@@ -129,14 +129,10 @@ def main(argv=None, mode: str | None = None) -> int:
 
         print(to_yaml(cfg))
         return 0
-    from ..engine.deepspeed import init_distributed
+    from ..train import open_run_dir, start_process
 
-    device = init_distributed(cfg)
-    setup_console(dist.rank())
-    run_dir = Path(cfg.run.out_dir) / cfg.run.name
-    if dist.rank() == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+    device = start_process(cfg)
+    run_dir = open_run_dir(cfg)
     results = knn_eval(cfg, device) if args.mode == "knn" else train_and_test(cfg, device, args.mode)
     if results and dist.rank() == 0:
         print(f"\n{args.mode}: top-1 {results['top1']:.2f} %  top-5 {results['top5']:.2f} %  on {results['videos']} "

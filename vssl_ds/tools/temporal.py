@@ -60,7 +60,7 @@ def add_args(sub) -> None:
 def _run(args: list[str], log: Path) -> None:
     """One stage as a subprocess (single process, CPU); its output goes to `log`, a failure shows its tail."""
     with open(log, "w") as f:
-        proc = subprocess.run([sys.executable, *args], stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.run([sys.executable, *args], stdout=f, stderr=subprocess.STDOUT, check=False)
     if proc.returncode:
         raise RuntimeError(f"{' '.join(args[:4])} … failed ({proc.returncode}); the tail of {log}:\n"
                            + "".join(log.read_text().splitlines(keepends=True)[-30:]))
