@@ -142,8 +142,8 @@ def test_an_exported_encoder_serves_as_a_frozen_teacher(tmp_path):
         build_teacher("vit2d_small_patch16", str(tmp_path / "img.safetensors"))
 
 
-def test_orbit_clips_are_labelled_by_direction_only(tmp_path):
-    from vssl_ds.data.synthetic import render_orbit_clip, write_synthetic_shards
+def test_temporal_clips_are_labelled_by_direction_only(tmp_path):
+    from vssl_ds.data.synthetic import render_drift_clip, render_orbit_clip, write_synthetic_shards
 
     manifest = json.loads(write_synthetic_shards(tmp_path, clips=4, shards=1, frames=4, size=32,
                                                  task="orbit").read_text())
@@ -152,3 +152,6 @@ def test_orbit_clips_are_labelled_by_direction_only(tmp_path):
     a = render_orbit_clip(np.random.default_rng(3), 0, 9, 48)
     b = render_orbit_clip(np.random.default_rng(3), 1, 9, 48)
     assert np.array_equal(a[0], b[0]) and not np.array_equal(a[1], b[1])
+    right = render_drift_clip(np.random.default_rng(4), 0, 9, 48)
+    left = render_drift_clip(np.random.default_rng(4), 1, 9, 48)
+    assert np.array_equal(right[::-1], left) and not np.array_equal(right, left)  # reversed, exactly

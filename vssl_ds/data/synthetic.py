@@ -74,9 +74,32 @@ def render_orbit_clip(rng: np.random.Generator, label: int, frames: int, size: i
     return out
 
 
+def render_drift_clip(rng: np.random.Generator, label: int, frames: int, size: int) -> np.ndarray:
+    """A random shape drifting right (label 0) or left (1) at constant speed across a fixed background: a clip
+    of one class played backwards is a clip of the other, so only the order of the frames tells them apart.
+    # [T,H,W,3] uint8"""
+    yy, xx = np.mgrid[:size, :size] / size
+    base = (0.5 + 0.25 * np.sin(6 * xx[..., None] + 4 * yy[..., None] + rng.uniform(0, 2 * np.pi, 3))) * 255
+    noise = rng.normal(0, 8, (size, size, 3))
+    shape, color = SHAPES[int(rng.integers(len(SHAPES)))], rng.integers(0, 256, 3)
+    r = int(rng.integers(size // 10, size // 6))
+    speed = rng.uniform(0.5, 1.0) * (size - 2 * r) / frames  # the whole path stays inside the frame
+    travel = speed * (frames - 1)
+    x0 = rng.uniform(r, size - r - travel)
+    y = rng.uniform(r, size - r)
+    out = np.empty((frames, size, size, 3), np.uint8)
+    for t in range(frames):
+        canvas = np.clip(base + noise, 0, 255)
+        x = x0 + speed * t if label == 0 else x0 + travel - speed * t
+        _draw(canvas, shape, y, x, r, color)
+        out[t] = canvas.astype(np.uint8)
+    return out
+
+
 # what a generated clip's label means: the shape (the embedded default), or the direction of motion (the
-# temporal sanity benchmark, where a frame-order-blind encoder cannot beat chance)
-TASKS = {"shape": (render_clip, SHAPES), "orbit": (render_orbit_clip, ("clockwise", "anticlockwise"))}
+# temporal sanity benchmark, orbit or drift, where a frame-order-blind encoder cannot beat chance)
+TASKS = {"shape": (render_clip, SHAPES), "orbit": (render_orbit_clip, ("clockwise", "anticlockwise")),
+         "drift": (render_drift_clip, ("rightwards", "leftwards"))}
 
 
 def encode_mp4(frames: np.ndarray, fps: int = 25, crf: int = 20, gop: int = 16) -> bytes:

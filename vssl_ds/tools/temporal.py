@@ -1,10 +1,10 @@
 """The temporal sanity benchmark: does pretraining teach an encoder the order of frames?
 
-    vssl-benchmark temporal [--methods mae,vicmae,mvd,iboot,lstcl,bevt] [--steps 300] [--workdir bench/temporal]
+    vssl-benchmark temporal [--task orbit|drift] [--methods mae,vicmae,mvd,iboot,lstcl,bevt] [--steps 300]
 
-Generated labelled clips whose only difference between the two classes is the direction in which a shape
-circles (clockwise / anticlockwise, data/synthetic.py `orbit`): every frame, and the set of frames, looks alike
-in both. Each method pretrains a tiny encoder on the training clips (labels unused), the encoder is exported,
+Generated labelled clips whose only difference between the two classes is the direction of a shape's motion
+(data/synthetic.py: `orbit` circles clockwise / anticlockwise, `drift` moves right / left): a clip of one class
+played backwards is a clip of the other, so every frame, and the set of frames, looks alike in both. Each method pretrains a tiny encoder on the training clips (labels unused), the encoder is exported,
 and a linear probe is trained on its frozen features; the same probe on the same architecture, randomly
 initialised, is the baseline. Every stage is the real command (pretrain.py, export, the linear probe) in a
 subprocess, on CPU. MVD's teachers come from the MAE and ViC-MAE stages of the same run (the paper's two-stage
@@ -47,13 +47,15 @@ def add_args(sub) -> None:
     t = sub.add_parser("temporal", help="linear probe after each method's pretraining vs random init, on clips "
                                         "that only frame order tells apart")
     t.add_argument("--methods", default=",".join(METHODS))
+    t.add_argument("--task", choices=["orbit", "drift"], default="orbit",
+                   help="orbit: a shape circles clockwise / anticlockwise; drift: it moves right / left")
     t.add_argument("--steps", type=int, default=300, help="pretraining steps per method")
     t.add_argument("--probe-steps", type=int, default=300)
     t.add_argument("--batch", type=int, default=8)
     t.add_argument("--train-clips", type=int, default=256)
     t.add_argument("--val-clips", type=int, default=96)
-    t.add_argument("--workdir", default="bench/temporal", help="shards, runs and results (kept; finished stages "
-                                                               "are reused when rerun)")
+    t.add_argument("--workdir", default="bench/temporal", help="shards, runs and results go to WORKDIR/TASK (kept; "
+                                                               "finished stages are reused when rerun)")
     t.add_argument("--json", default="")
 
 
@@ -77,21 +79,21 @@ def _data(work: Path, a) -> dict:
     for split, clips, seed in (("train", a.train_clips, 11), ("val", a.val_clips, 12)):
         manifest = work / split / "manifest.json"
         if not manifest.is_file():
-            write_synthetic_shards(manifest.parent, clips=clips, shards=4, frames=32, size=48, seed=seed, task="orbit")
+            write_synthetic_shards(manifest.parent, clips=clips, shards=4, frames=32, size=48, seed=seed, task=a.task)
         out[split] = manifest
     images = work / "images" / "manifest.json"
     if "bevt" in a.methods and not images.is_file():  # BEVT's image stream: single frames of the training clips
         import numpy as np
         from PIL import Image
 
-        from ..data.synthetic import render_orbit_clip
+        from ..data.synthetic import TASKS
         from .make_shards import main as make_shards
 
         rng = np.random.default_rng(13)
         for i in range(64):
             folder = work / "image_src" / "frames"
             folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(render_orbit_clip(rng, i % 2, 1, 48)[0]).save(folder / f"f{i:03d}.png")
+            Image.fromarray(TASKS[a.task][0](rng, i % 2, 1, 48)[0]).save(folder / f"f{i:03d}.png")
         make_shards([str(work / "image_src"), str(images.parent), "--kind", "image", "--prefix", "frames",
                      "--max-per-shard", "16", "--workers", "1"])
     out["images"] = images
@@ -150,7 +152,7 @@ def _pretrain(work: Path, name: str, data: dict, a, filled: dict) -> str:
 
 
 def bench_temporal(a) -> dict:
-    work = Path(a.workdir)
+    work = Path(a.workdir) / a.task
     work.mkdir(parents=True, exist_ok=True)
     a.methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     unknown = sorted(set(a.methods) - set(METHODS))
@@ -182,7 +184,7 @@ def bench_temporal(a) -> dict:
                       "seconds": round(time.time() - t0, 1)}
         print(f"{name:7s} {trained['encoder']:22s} pretrained {trained['top1']:6.2f} %   random init "
               f"{baseline['top1']:6.2f} %   ({rows[name]['seconds']:.0f} s)", flush=True)
-    result = {"task": "orbit direction (2 classes, chance 50 %)", "train_clips": a.train_clips,
+    result = {"task": f"{a.task} direction (2 classes, chance 50 %)", "train_clips": a.train_clips,
               "val_clips": a.val_clips, "pretrain_steps": a.steps, "probe_steps": a.probe_steps, "batch": a.batch,
               "methods": {m: rows[m] for m in a.methods}}
     (work / "results.json").write_text(json.dumps(result, indent=1))
