@@ -80,13 +80,10 @@ def write_results(cfg: Config, run_dir: Path, mode: str, scores: TopK, step: int
 
 
 def train_and_test(cfg: Config, device: torch.device, mode: str) -> dict:
-    from ..train import NonFiniteLoss, Trainer
+    from ..train import Trainer
 
     trainer = Trainer(cfg, device)
-    try:
-        run_dir = trainer.fit()
-    except NonFiniteLoss as e:
-        raise SystemExit(f"error: {e}")
+    run_dir = trainer.fit()
     if trainer.step < trainer.total_steps:  # preempted or stop_at: the test pass waits for the end of training
         log.info("training left at step %d of %d: no test pass yet (rerun with --auto-resume)", trainer.step,
                  trainer.total_steps)
@@ -133,7 +130,13 @@ def main(argv=None, mode: str | None = None) -> int:
 
     device = start_process(cfg)
     run_dir = open_run_dir(cfg)
-    results = knn_eval(cfg, device) if args.mode == "knn" else train_and_test(cfg, device, args.mode)
+    from ..train import NonFiniteLoss
+
+    try:
+        results = knn_eval(cfg, device) if args.mode == "knn" else train_and_test(cfg, device, args.mode)
+    except NonFiniteLoss as e:  # every rank agreed on it: stop cleanly, as pretraining does
+        log.error("%s", e)
+        return 3
     if results and dist.rank() == 0:
         print(f"\n{args.mode}: top-1 {results['top1']:.2f} %  top-5 {results['top5']:.2f} %  on {results['videos']} "
               f"videos\n  results: {run_dir / 'results.json'}\n  tensorboard: tensorboard --logdir {run_dir / 'tb'}")
