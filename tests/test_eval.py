@@ -117,12 +117,16 @@ def test_each_mode_runs_with_two_ranks_and_writes_its_results(mode, extra, pretr
         assert len(acc.Scalars("loss/ce")) == 2
 
 
-def test_eval_config_errors_name_the_field(pretrained, shards):
+def test_eval_config_errors_name_the_field(pretrained, shards, capsys):
     from vssl_ds.eval.run import main
 
     _, weights = pretrained
     assert main(["linear", "--set", f"eval.weights={weights}", "--set", "data.size=48", "--print-config"]) == 2
     assert main(["knn", "--set", "eval.weights=/nope.safetensors", "--print-config"]) == 2
+    assert main(["knn", "--set", "eval.val=/nope/manifest.json", "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert "set data.size=32" in err and "eval.weights: no file '/nope.safetensors'" in err
+    assert "eval.val: cannot read shard manifest '/nope/manifest.json'" in err
 
 
 def test_an_exported_encoder_serves_as_a_frozen_teacher(tmp_path):

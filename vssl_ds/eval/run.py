@@ -66,6 +66,18 @@ def adopt_exported_architecture(cfg: Config) -> None:
                           f"{m.num_frames} frames: set data.num_frames={m.num_frames}")
 
 
+def check_test_set(cfg: Config) -> None:
+    """eval.val must name readable shards (checked before any work: it is read only after training)."""
+    from ..data.shards import resolve_shards
+
+    if not cfg.eval.val:
+        return
+    try:
+        resolve_shards(cfg.eval.val)
+    except ValueError as e:
+        raise ConfigError(f"eval.val: {e}") from None
+
+
 def write_results(cfg: Config, run_dir: Path, mode: str, scores: TopK, step: int, extra: dict) -> dict:
     e = cfg.eval
     results = {"mode": mode, "weights": e.weights or None, "encoder": cfg.model.name, "top1": scores.top1,
@@ -117,6 +129,7 @@ def main(argv=None, mode: str | None = None) -> int:
         if args.mode != "knn" and cfg.method.name != args.mode:
             cfg.method.name = args.mode  # the entry point names the mode; a recipe of another mode still serves
         adopt_exported_architecture(cfg)
+        check_test_set(cfg)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
