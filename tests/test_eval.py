@@ -95,7 +95,7 @@ def test_topk_and_test_views():
 @pytest.mark.parametrize("mode,extra", [
     ("linear", ["engine.precision=bf16"]),  # the head in bf16, the features from a bf16 frozen encoder
     ("attentive", ["eval.probe_heads=2", "engine.zero_stage=2"]),
-    ("finetune", ["engine.zero_stage=3", "eval.layer_decay=0.75", "model.drop_path=0.1"]),
+    ("finetune", ["engine.zero_stage=3", "eval.layer_decay=0.75", "model.drop_path=0.1", "data.view=finetune"]),
     ("knn", []),
 ])
 def test_each_mode_runs_with_two_ranks_and_writes_its_results(mode, extra, pretrained, shards, val_shards, tmp_path):

@@ -64,3 +64,37 @@ def test_every_view_kind_gives_its_clips(kind, clip):
     for idx, p in zip(picks, params):
         out = apply_view(clip[np.asarray(idx) % 4], p)
         assert out.shape[1:] == (32, 32, 3)
+
+
+def test_randaugment_ops_keep_shape_and_dtype_and_do_something(clip):
+    from vssl_ds.data.randaugment import OPS, apply_randaugment
+
+    x = (clip // 2 + 40).permute(0, 3, 1, 2)  # [T,C,H,W] in 40..167, so auto-contrast / equalize have work
+    for op in OPS:
+        y = apply_randaugment(x, [[op, 9.0]])
+        assert y.shape == x.shape and y.dtype == torch.uint8, op
+        assert not torch.equal(y, x), op  # level 9 always changes random pixels
+        assert torch.equal(apply_randaugment(x[:1], [[op, 9.0]]), y[:1]), op  # one op, the same on every frame
+
+
+def test_finetune_view_draws_randaugment_and_per_frame_erasing():
+    from vssl_ds.data.randaugment import OPS, erasing_params, randaugment_params
+
+    rng = np.random.default_rng(0)
+    counts, erased, frames = [], 0, 0
+    for _ in range(400):
+        ops = randaugment_params(rng)  # 4 distinct ops, each kept with probability 0.5
+        assert len({o[0] for o in ops}) == len(ops) <= 4 and all(o[0] in OPS and abs(o[1]) <= 10 for o in ops)
+        counts.append(len(ops))
+        e = erasing_params(rng, 8, 32, 32)
+        frames += 8
+        for box in (e or {"boxes": []})["boxes"]:
+            if box:
+                top, left, h, w = box
+                assert 0 <= top and top + h <= 32 and 0 <= left and left + w <= 32
+                assert 0.02 * 1024 * 0.5 <= h * w <= 1024 / 3 * 1.5
+                erased += 1
+    assert abs(np.mean(counts) - 2.0) < 0.2 and abs(erased / frames - 0.25) < 0.03
+    view = View(kind="finetune", num_frames=8, stride=2, size=32)
+    a = view.spatial(90, 120, np.random.default_rng(7))[0]
+    assert a == view.spatial(90, 120, np.random.default_rng(7))[0] and "randaug" in a and "erase" in a

@@ -40,7 +40,7 @@ class DataConfig:
     shuffle_buffer: int = 256  # samples held per worker for shuffling (raw bytes: ~1 MB per 10 s clip at 320p)
     resampled: bool = False  # draw shards with replacement; the epoch length is epoch_size (or the manifest total)
     decoder: str = "decord"  # decord | pyav | torchcodec (the others serve as fallbacks)
-    view: str = "clip"  # clip | scale_crop | long_short | frame_pair (see vssl_ds/data/views.py)
+    view: str = "clip"  # clip | scale_crop | long_short | frame_pair | finetune (see vssl_ds/data/views.py)
     repeats: int = 1  # repeated augmentation: samples drawn per video (batch_size must be a multiple)
     long_stride: int = 8  # long_short: stride of the long clip
     max_gap: int = 16  # frame_pair: most frames between the two frames
@@ -233,7 +233,7 @@ class Config:
 CHOICES = {
     "data.short_video": ("loop", "pad", "skip"),
     "data.decoder": ("decord", "pyav", "torchcodec"),
-    "data.view": ("clip", "scale_crop", "long_short", "frame_pair"),
+    "data.view": ("clip", "scale_crop", "long_short", "frame_pair", "finetune"),
     "model.attn_backend": ("auto", "xformers", "sdpa", "math"),
     "method.name": ("mae", "mvd", "bevt", "lstcl", "vicmae", "iboot", "finetune", "linear", "attentive"),
     "eval.pool": ("auto", "mean", "cls"),

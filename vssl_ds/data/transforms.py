@@ -125,12 +125,20 @@ def _photometric(clip: torch.Tensor, view: dict) -> torch.Tensor:
 
 
 def apply_view(frames: torch.Tensor, view: dict) -> torch.Tensor:
-    """Replay a recorded view: crop box, output size, flip, then colour.  # [T,H,W,C] uint8"""
+    """Replay a recorded view: crop box, output size, flip, colour, then (fine-tuning) RandAugment and random
+    erasing.  # [T,H,W,C] uint8"""
     clip = crop_resize(frames, view["box"], view["size"])
     if view.get("flip"):
         clip = clip.flip(2)
     if view.get("jitter") or view.get("gray") or view.get("blur") or view.get("solarize"):
         clip = _photometric(clip, view)
+    if view.get("randaug") or view.get("erase"):
+        from .randaugment import apply_erasing, apply_randaugment
+
+        if view.get("randaug"):
+            clip = apply_randaugment(clip.permute(0, 3, 1, 2), view["randaug"]).permute(0, 2, 3, 1).contiguous()
+        if view.get("erase"):
+            clip = apply_erasing(clip, view["erase"])
     return clip
 
 

@@ -19,7 +19,7 @@ NO_COLOR = Photometric()
 
 @dataclass(frozen=True)
 class View:
-    kind: str  # clip | scale_crop | long_short | frame_pair | image
+    kind: str  # clip | scale_crop | long_short | frame_pair | image | finetune
     num_frames: int = 16
     stride: int = 4
     size: int = 224
@@ -57,13 +57,20 @@ class View:
                 box = short_side_crop_params(height, width, self.size, self.short_range, rng)
             else:
                 box = random_resized_crop_params(height, width, self.size, rng)
-            out.append({**box, **photometric_params(photo, rng)})
+            view = {**box, **photometric_params(photo, rng)}
+            if self.kind == "finetune":  # VideoMAE's fine-tuning: RandAugment m7 n4 mstd 0.5, erasing p 0.25
+                from .randaugment import erasing_params, randaugment_params
+
+                view["randaug"] = randaugment_params(rng)
+                view["erase"] = erasing_params(rng, self.num_frames, self.size, self.size)
+            out.append(view)
         return out
 
 
 _SSL = Photometric(flip=0.5, jitter=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, gray=0.2)
 DEFAULT_PHOTOMETRIC = {
     "clip": (NO_COLOR,),  # VideoMAE / MVD: multi-scale crop only, no flip, no colour
+    "finetune": (Photometric(flip=0.5),),  # VideoMAE fine-tuning: RRC (0.08-1, 3/4-4/3), flip, + RandAugment, erasing
     "scale_crop": (Photometric(flip=0.5),),  # BEVT video stream
     "image": (Photometric(flip=0.5, jitter=1.0, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.0),),  # BEVT/BEiT
     "long_short": (_SSL, _SSL),  # LSTCL: independent augmentation per clip (MoCo v3 style; reconstructed)
