@@ -307,9 +307,10 @@ def main(argv=None) -> int:
         run_dir = trainer.fit()
     except NonFiniteLoss as e:  # every rank agreed on it (the check is all-reduced): stop cleanly
         log.error("%s", e)
+        dist.shutdown()
         return 3
     if dist.rank() == 0:
         print(f"\ndone: {trainer.step} steps\n  config:      {run_dir / 'config.yaml'}\n"
               f"  tensorboard: tensorboard --logdir {run_dir / 'tb'}\n  checkpoint:  {trainer.ckpt_dir}")
-    dist.barrier()
+    dist.shutdown()
     return 0

@@ -7,6 +7,7 @@ import torch.nn as nn
 
 from vssl_ds.config.loader import load_config
 from vssl_ds.data.batch import Batch
+from vssl_ds.engine import dist
 from vssl_ds.engine.deepspeed import Engine, init_distributed
 from vssl_ds.methods.base import Method, StepOutput
 from vssl_ds.methods.ema import EMA
@@ -42,6 +43,7 @@ def main(stage: int, steps: int = 5, momentum: float = 0.9) -> int:
     err = max((target[k] - hand[k]).abs().max().item() for k in hand)
     moved = max((target[k] - online[k]).abs().max().item() for k in hand)
     print(f"rank {torch.distributed.get_rank()} stage {stage}: ema error {err:.2e}, target-online gap {moved:.2e}")
+    dist.shutdown()
     return 0 if err < 1e-6 and moved > 1e-4 else 1
 
 

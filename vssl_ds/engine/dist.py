@@ -65,6 +65,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def shutdown() -> None:
+    """The end of every multi-rank entry point: wait for all ranks, then tear the process group down
+    explicitly. A rank that just exits while a peer still talks to it, or leaves gloo's threads to the
+    interpreter's teardown, can die with `terminate called without an active exception` (SIGABRT)."""
+    if dist.is_initialized():
+        barrier()
+        dist.destroy_process_group()
+
+
 def any_true(flags: list[bool], device: torch.device) -> list[bool]:
     """Element-wise OR of boolean flags across ranks, in one small all-reduce."""
     t = torch.tensor([float(f) for f in flags], device=device)

@@ -149,11 +149,12 @@ def main(argv=None, mode: str | None = None) -> int:
         results = knn_eval(cfg, device) if args.mode == "knn" else train_and_test(cfg, device, args.mode)
     except NonFiniteLoss as e:  # every rank agreed on it: stop cleanly, as pretraining does
         log.error("%s", e)
+        dist.shutdown()
         return 3
     if results and dist.rank() == 0:
         print(f"\n{args.mode}: top-1 {results['top1']:.2f} %  top-5 {results['top5']:.2f} %  on {results['videos']} "
               f"videos\n  results: {run_dir / 'results.json'}\n  tensorboard: tensorboard --logdir {run_dir / 'tb'}")
-    dist.barrier()
+    dist.shutdown()
     return 0
 
 

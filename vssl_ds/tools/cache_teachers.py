@@ -32,6 +32,7 @@ from ..data.sampling import ShortVideo
 from ..data.shards import resolve_shards
 from ..data.targets import decode_targets, encode_targets
 from ..data.transforms import apply_view, normalize
+from ..engine import dist
 from ..teachers.cache import MANIFEST, bevt_fingerprint, iboot_fingerprint, mvd_fingerprint
 
 JOBS = {"mvd": lambda cfg, device: Teachers(cfg, device), "bevt": lambda cfg, device: Tokenizer(cfg, device),
@@ -310,8 +311,7 @@ def main(argv=None) -> int:
         (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
         print(f"teacher targets in {out}\n  train with: --set method.{cfg.method.name}.targets=cache "
               f"--set data.targets={out}")
-    if world > 1:
-        torch.distributed.destroy_process_group()
+    dist.shutdown()
     return 0
 
 
