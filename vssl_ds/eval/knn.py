@@ -94,10 +94,9 @@ def knn_classify(cfg: Config, device, run_dir: Path) -> tuple[TopK, int]:
                          f"0..{num_classes - 1}: kNN needs labelled shards (and eval.num_classes to cover them)")
     log.info("kNN bank: %d training videos x %d dims, k=%d, T=%g", len(bank), bank.shape[1], e.knn_k, e.knn_t)
     query, query_labels = extract(encoder, e.val, cfg, e.test_clips, e.test_crops, device, "test")
-    scores = TopK(torch.device("cpu"))
+    scores = TopK(device)  # counts kept on the backend's device for the all-reduce; the votes stay on CPU
     if len(query):
         scores.add(vote(query, bank, bank_labels, num_classes, e.knn_k, e.knn_t), query_labels)
-    scores.sums = scores.sums.to(device)  # the all-reduce runs on the backend's device
     scores.reduce()
     log.info("kNN: %d test videos: top-1 %.2f %%, top-5 %.2f %%", scores.count, scores.top1, scores.top5)
     return scores, num_classes

@@ -78,10 +78,11 @@ def check_test_set(cfg: Config) -> None:
         raise ConfigError(f"eval.val: {e}") from None
 
 
-def write_results(cfg: Config, run_dir: Path, mode: str, scores: TopK, step: int, extra: dict) -> dict:
+def write_results(cfg: Config, run_dir: Path, mode: str, scores: TopK, num_classes: int, step: int,
+                  extra: dict) -> dict:
     e = cfg.eval
     results = {"mode": mode, "weights": e.weights or None, "encoder": cfg.model.name, "top1": scores.top1,
-               "top5": scores.top5, "videos": scores.count, "num_classes": extra.pop("num_classes"),
+               "top5": scores.top5, "videos": scores.count, "num_classes": num_classes,
                "val": e.val, "train": cfg.data.train, "step": step, **extra}
     if dist.rank() == 0:
         (run_dir / "results.json").write_text(json.dumps(results, indent=1))
@@ -106,20 +107,19 @@ def train_and_test(cfg: Config, device: torch.device, mode: str) -> dict:
         return {}
     method = trainer.method
     method.eval()
-    scores = test_pass(lambda video: method.logits(video), cfg, e.test_clips, e.test_crops, device,
+    scores = test_pass(method.logits, cfg, e.test_clips, e.test_crops, device,
                        lockstep=cfg.engine.zero_stage == 3)  # ZeRO-3: every forward gathers weights
-    return write_results(cfg, run_dir, mode, scores, trainer.step,
-                         {"num_classes": method.num_classes, "clips": e.test_clips, "crops": e.test_crops})
+    return write_results(cfg, run_dir, mode, scores, method.num_classes, trainer.step,
+                         {"clips": e.test_clips, "crops": e.test_crops})
 
 
-def knn_eval(cfg: Config, device: torch.device) -> dict:
+def knn_eval(cfg: Config, device: torch.device, run_dir: Path) -> dict:
     from .knn import knn_classify
 
-    run_dir = Path(cfg.run.out_dir) / cfg.run.name
     scores, num_classes = knn_classify(cfg, device, run_dir)
     e = cfg.eval
-    return write_results(cfg, run_dir, "knn", scores, 0, {"num_classes": num_classes, "k": e.knn_k, "t": e.knn_t,
-                                                          "clips": e.test_clips, "crops": e.test_crops})
+    return write_results(cfg, run_dir, "knn", scores, num_classes, 0,
+                         {"k": e.knn_k, "t": e.knn_t, "clips": e.test_clips, "crops": e.test_crops})
 
 
 def main(argv=None, mode: str | None = None) -> int:
@@ -139,14 +139,12 @@ def main(argv=None, mode: str | None = None) -> int:
 
         print(to_yaml(cfg))
         return 0
-    from ..train import open_run_dir, start_process
+    from ..train import NonFiniteLoss, open_run_dir, start_process
 
     device = start_process(cfg)
     run_dir = open_run_dir(cfg)
-    from ..train import NonFiniteLoss
-
     try:
-        results = knn_eval(cfg, device) if args.mode == "knn" else train_and_test(cfg, device, args.mode)
+        results = knn_eval(cfg, device, run_dir) if args.mode == "knn" else train_and_test(cfg, device, args.mode)
     except NonFiniteLoss as e:  # every rank agreed on it: stop cleanly, as pretraining does
         log.error("%s", e)
         dist.shutdown()
