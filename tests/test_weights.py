@@ -23,7 +23,7 @@ def timm_vit(tmp_path_factory):
 def test_timm_vit_file_loads_into_the_2d_vit_unchanged(timm_vit):
     ref, path = timm_vit
     ours = create_model("vit2d_micro_patch16", embed_dim=192, num_heads=3, depth=12).eval()
-    assert load_pretrained(ours, path) == "vit2d"
+    assert load_pretrained(ours, path).fmt == "vit2d"
     x = torch.randn(2, 3, 224, 224)
     assert torch.allclose(ours(x), ref.forward_features(x), atol=1e-5)
 
@@ -31,7 +31,7 @@ def test_timm_vit_file_loads_into_the_2d_vit_unchanged(timm_vit):
 def test_timm_vit_file_inflates_into_the_video_vit(timm_vit):
     ref, path = timm_vit
     video = create_model("vit_tiny_video", img_size=224, num_frames=4, pos_embed="learned").eval()
-    assert load_pretrained(video, path) == "vit2d"
+    assert load_pretrained(video, path).fmt == "vit2d"
     assert torch.allclose(video.blocks[3].attn.qkv.weight, ref.blocks[3].attn.qkv.weight)
     assert video.patch_embed.proj.weight.shape == (192, 3, 2, 16, 16)
     torch.testing.assert_close(video.pos_embed[:, :196], ref.pos_embed[:, 1:])  # every time slot
@@ -72,7 +72,7 @@ def test_official_videomae_checkpoint_loads(tmp_path):
         blk.attn.qkv.bias.data[64:128] = 0
     torch.save(_videomae_official(src), tmp_path / "checkpoint-799.pth")
     dst = create_model("vit_micro_video", img_size=32, num_frames=4, patch=16).eval()
-    assert load_pretrained(dst, tmp_path / "checkpoint-799.pth") == "videomae"
+    assert load_pretrained(dst, tmp_path / "checkpoint-799.pth").fmt == "videomae"
     x = torch.randn(2, 3, 4, 32, 32)
     assert torch.equal(dst(x), src(x))
     teacher = build_teacher("vit_micro_video", weights=str(tmp_path / "checkpoint-799.pth"), img_size=32,
@@ -88,7 +88,7 @@ def test_official_video_swin_checkpoint_loads(tmp_path):
     sd["cls_head.fc_cls.weight"] = torch.randn(400, 128)
     torch.save({"state_dict": sd, "meta": {"epoch": 30}}, tmp_path / "swin.pth")
     dst = create_model("swin3d_micro", img_size=32, num_frames=4).eval()
-    assert load_pretrained(dst, tmp_path / "swin.pth") == "video_swin"
+    assert load_pretrained(dst, tmp_path / "swin.pth").fmt == "video_swin"
     x = torch.randn(1, 3, 4, 32, 32)
     assert torch.equal(dst(x), src(x))
 
@@ -156,6 +156,6 @@ def test_official_bevt_checkpoint_loads_into_a_video_swin(tmp_path):
     torch.save({"state_dict": sd}, tmp_path / "bevt.pth")
     for image_embed in (False, True):
         dst = create_model("swin3d_micro", img_size=32, num_frames=4, image_embed=image_embed).eval()
-        assert load_pretrained(dst, tmp_path / "bevt.pth") == "video_swin"
+        assert load_pretrained(dst, tmp_path / "bevt.pth").fmt == "video_swin"
         x = torch.randn(1, 3, 4, 32, 32)
         assert torch.equal(dst(x), src(x))

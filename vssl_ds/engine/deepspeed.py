@@ -82,11 +82,8 @@ class Engine:
             if hasattr(module, "gather") and hasattr(module, "update"):
                 module.gather = lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=None,
                                                                                    enabled=stage3)
-        if self.precision != "fp32":  # frozen modules run in the engine's precision too ...
-            method.frozen.to(torch.bfloat16 if self.precision == "bf16" else torch.float16)
-            for module in method.frozen.modules():  # ... but an EMA accumulates tiny updates: it stays fp32
-                if hasattr(module, "gather") and hasattr(module, "update"):
-                    module.float()
+        if self.precision != "fp32":  # frozen modules keep fp32 weights and run under autocast (Method.run_frozen)
+            method.frozen_dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
 
     @property
     def param_groups(self) -> list[dict]:

@@ -28,19 +28,45 @@ from ..models.vit2d import ViT2D
 log = logging.getLogger(__name__)
 
 
-def build_eval_encoder(cfg: Config) -> nn.Module:
-    """The encoder under evaluation: exported weights (architecture from their JSON) or random init."""
-    m = cfg.model
-    if cfg.eval.weights:
-        from ..models.exported import load_exported
+def official_pooling(encoder: nn.Module, pool: str) -> bool:
+    """VideoMAE / MVD / MAE fine-tuning: a ViT pooled by the mean of its tokens drops the pretrained final norm
+    and applies a fresh LayerNorm (`fc_norm`) to the pooled token."""
+    mean = pool == "mean" or (pool == "auto" and getattr(encoder, "cls_token", None) is None)
+    return mean and hasattr(encoder, "blocks") and isinstance(getattr(encoder, "norm", None), nn.LayerNorm)
 
-        model, info = load_exported(cfg.eval.weights, attn_backend=m.attn_backend, drop_path=m.drop_path,
+
+def build_eval_encoder(cfg: Config, finetune: bool = False) -> tuple[nn.Module, object, bool]:
+    """The encoder under evaluation → (encoder, Checkpoint or None, fc_norm?). Weights: `eval.weights` (an
+    export of tools/export.py, or any released checkpoint weights.py reads), else `model.pretrained`, else a
+    random init (the baseline). With `finetune` and mean pooling of a ViT the final norm is dropped (Identity)."""
+    from dataclasses import replace
+
+    from ..models.exported import info_path, load_exported
+    from ..models.weights import load_pretrained
+
+    m, e = cfg.model, cfg.eval
+    path = e.weights or m.pretrained
+    ck = None
+    exported = e.weights.endswith(".safetensors") and info_path(e.weights).is_file()
+    if exported:
+        model, info = load_exported(e.weights, attn_backend=m.attn_backend, drop_path=m.drop_path,
                                     grad_ckpt=m.grad_ckpt)
-        log.info("encoder %s from %s (%s, step %s)", info["model"]["name"], cfg.eval.weights, info.get("method"),
+        log.info("encoder %s from %s (exported: %s, step %s)", info["model"]["name"], e.weights, info.get("method"),
                  info.get("step"))
-        return model
-    log.info("encoder %s randomly initialised (no eval.weights): the baseline", m.name)
-    return build_encoder(m)
+        path = ""
+    else:
+        model = build_encoder(replace(m, pretrained=""))
+    fc_norm = finetune and official_pooling(model, e.pool)
+    if fc_norm:
+        model.norm = nn.Identity()  # the official fine-tuning model has no per-token final norm
+    if path:
+        ck = load_pretrained(model, path, drop=("norm.",) if fc_norm else ())
+        log.info("encoder %s initialised from %s (%s format)%s", m.name, path, ck.fmt,
+                 "; its final norm is not used (mean pooling → fc_norm, as the official fine-tuning)"
+                 if fc_norm and any(k.startswith("norm.") for k in ck.encoder) else "")
+    elif not exported:
+        log.info("encoder %s randomly initialised (no eval.weights, no model.pretrained): the baseline", m.name)
+    return model, ck, fc_norm
 
 
 def encoder_tokens(encoder: nn.Module, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -74,9 +100,13 @@ def feature_dim(encoder: nn.Module) -> int:
 
 
 class FinetuneNet(nn.Module):
-    def __init__(self, encoder: nn.Module, num_classes: int, pool: str, dropout: float, init_scale: float):
+    """encoder → pooled feature (→ `fc_norm` for mean-pooled ViTs, as VideoMAE's fine-tuning model) → head."""
+
+    def __init__(self, encoder: nn.Module, num_classes: int, pool: str, dropout: float, init_scale: float,
+                 fc_norm: bool = False):
         super().__init__()
         self.encoder, self.pool = encoder, pool
+        self.fc_norm = nn.LayerNorm(feature_dim(encoder), eps=1e-6) if fc_norm else None
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(feature_dim(encoder), num_classes)
         nn.init.trunc_normal_(self.head.weight, std=0.02)
@@ -84,8 +114,14 @@ class FinetuneNet(nn.Module):
         with torch.no_grad():
             self.head.weight.mul_(init_scale)
 
+    def features(self, video: torch.Tensor) -> torch.Tensor:  # [B,D]
+        if self.fc_norm is None:
+            return pooled(self.encoder, video, self.pool)
+        tokens, _ = encoder_tokens(self.encoder, video)  # the encoder's norm is Identity here
+        return self.fc_norm(tokens.mean(1))
+
     def forward(self, video):
-        return self.head(self.dropout(pooled(self.encoder, video, self.pool)))
+        return self.head(self.dropout(self.features(video)))
 
 
 class LinearHead(nn.Module):
@@ -128,6 +164,25 @@ class AttentiveHead(nn.Module):
         x = self.query + self.proj(rearrange(F.scaled_dot_product_attention(q, k, v), "b h l d -> b l (h d)"))
         x = x + self.mlp(self.norm_mlp(x))
         return self.fc(self.norm(x[:, 0]))
+
+
+def load_classifier_parts(net: FinetuneNet, ck) -> None:
+    """A fine-tuned checkpoint brings its `fc_norm` (the norm of the pooled token) and, when the class counts
+    agree, its head; whatever is not used is reported by name."""
+    from ..models.weights import load_part, report_unused
+
+    used = []
+    if net.fc_norm is not None and load_part(net.fc_norm, ck, "fc_norm", "eval.pool"):
+        used.append("fc_norm")
+    head = ck.parts.get("head", {})
+    if head and head.get("weight") is not None and head["weight"].shape == net.head.weight.shape:
+        load_part(net.head, ck, "head", "eval.num_classes")
+        used.append("head")
+        log.info("fc_norm and head restored from %s (a fine-tuned checkpoint)", ck.path)
+    elif head:
+        log.info("the head of %s (%s classes) is not used: %d classes here, a fresh head", ck.path,
+                 head["weight"].shape[0] if "weight" in head else "?", net.head.out_features)
+    report_unused(ck, used=tuple(used), who="fine-tuning")
 
 
 def num_classes_of(cfg: Config) -> int:
@@ -184,10 +239,13 @@ class Classifier(Method):
     def __init__(self, cfg: Config):
         mode, e = cfg.method.name, cfg.eval
         self.num_classes = num_classes_of(cfg)
-        encoder = build_eval_encoder(cfg)
+        encoder, ck, fc_norm = build_eval_encoder(cfg, finetune=mode == "finetune")
         dim = feature_dim(encoder)
         if mode == "finetune":
-            super().__init__(FinetuneNet(encoder, self.num_classes, e.pool, e.head_dropout, e.head_init_scale))
+            net = FinetuneNet(encoder, self.num_classes, e.pool, e.head_dropout, e.head_init_scale, fc_norm)
+            if ck is not None:
+                load_classifier_parts(net, ck)
+            super().__init__(net)
         elif mode == "linear":
             super().__init__(LinearHead(dim, self.num_classes), encoder)
         elif mode == "attentive":

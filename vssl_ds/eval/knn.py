@@ -82,7 +82,7 @@ def knn_classify(cfg: Config, device, run_dir: Path) -> tuple[TopK, int]:
     if not e.val:
         raise ValueError("kNN needs eval.val (labelled test shards) besides data.train (the labelled training set)")
     num_classes = num_classes_of(cfg)
-    encoder = build_eval_encoder(cfg).to(device).eval()
+    encoder = build_eval_encoder(cfg)[0].to(device).eval()
     feats, labels = train_bank(encoder, cfg, device, run_dir)
     parts = dist.all_gather_object((feats, labels))
     bank = torch.cat([f for f, _ in parts if len(f)])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import abc
+import logging
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -34,6 +35,18 @@ class Method(nn.Module, abc.ABC):
         self._student: Callable | None = None
         self.frozen.requires_grad_(False)
 
+    frozen_dtype: torch.dtype | None = None  # set by the engine: frozen models run under autocast to it
+
+    def run_frozen(self, fn: Callable, *args):
+        """Frozen models keep fp32 weights and run under autocast in the engine's low precision, as the official
+        code runs its teachers under fp16 autocast: matmuls in bf16/fp16, norms and softmax in fp32 (a whole-model
+        bf16 cast put 1.2 % error on MVD's targets; autocast 0.15 %)."""
+        if self.frozen_dtype is None:
+            return fn(*args)
+        device = next(a for a in args if isinstance(a, torch.Tensor)).device
+        with torch.autocast(device.type, dtype=self.frozen_dtype):
+            return fn(*args)
+
     def student(self, *args, **kwargs):
         return (self._student or self.trainable)(*args, **kwargs)
 
@@ -64,3 +77,14 @@ class Method(nn.Module, abc.ABC):
             {"params": decay, "weight_decay": weight_decay, "wd_scale": 1.0, "name": "decay"},
             {"params": no_decay, "weight_decay": 0.0, "wd_scale": 0.0, "name": "no_decay"},
         ]
+
+
+def restore_decoders(ck, decoders: dict[str, nn.Module], fields: str) -> None:
+    """Continued pretraining: load each decoder `ck` (a models.weights.Checkpoint) holds; report the rest."""
+    from ..models.weights import load_part, report_unused
+
+    log = logging.getLogger(__name__)
+    for part, module in decoders.items():
+        if load_part(module, ck, part, fields):
+            log.info("%s restored from %s: pretraining continues from its weights", part, ck.path)
+    report_unused(ck, used=tuple(decoders), who="pretraining")

@@ -70,7 +70,7 @@ class BEVT(Method):
         """normalised frames [B,3,H,W] → token ids [B,(H/16)*(W/16)]"""
         pixels = (frames.float() * self.std + self.mean).clamp(0, 1)
         pixels = F.interpolate(pixels, size=self.tok_size, mode="bilinear", align_corners=False, antialias=True)
-        return self.frozen(pixels)
+        return self.run_frozen(self.frozen, pixels)
 
     def forward(self, batch: Batch) -> StepOutput:
         if batch.image is None:

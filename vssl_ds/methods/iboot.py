@@ -81,7 +81,7 @@ class IBoot(Method):
                                  f"('{key}'): set data.targets to the folder tools/cache_teachers.py wrote")
             return batch.targets[key].float().mean(1)
         clip = batch.video if name == "video" else batch.views[name]
-        return frame_embeddings(self.frozen, clip, self.cfg.teacher_pool).mean(1)
+        return self.run_frozen(frame_embeddings, self.frozen, clip, self.cfg.teacher_pool).float().mean(1)
 
     def forward(self, batch: Batch) -> StepOutput:
         first, second = batch.video, batch.views["long"]

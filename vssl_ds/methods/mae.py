@@ -10,7 +10,7 @@ from ..config.schema import Config
 from ..data.batch import Batch
 from ..models import build_encoder
 from ..models.heads import MaskedDecoder
-from .base import Method, StepOutput
+from .base import Method, StepOutput, restore_decoders
 from .losses import masked_mse, pixel_targets
 
 
@@ -28,10 +28,12 @@ class MAEStudent(nn.Module):
 class VideoMAE(Method):
     def __init__(self, cfg: Config):
         m, mae = cfg.model, cfg.method.mae
-        encoder = build_encoder(m)
+        encoder, ck = build_encoder(m, with_checkpoint=True)
         out_dim = 3 * math.prod(encoder.patch_size)
         decoder = MaskedDecoder(encoder.num_patches, encoder.embed_dim, mae.decoder_dim, mae.decoder_depth,
-                                mae.decoder_heads, out_dim, m.attn_backend, m.grad_ckpt)
+                                mae.decoder_heads, out_dim, m.attn_backend, m.grad_ckpt, drop_path=m.drop_path)
+        if ck is not None:  # a pretraining checkpoint continues with its decoder (the official --resume loads it all)
+            restore_decoders(ck, {"decoder": decoder}, "method.mae.decoder_dim/decoder_depth/decoder_heads")
         super().__init__(MAEStudent(encoder, decoder))
         self.patch_size, self.norm_pix = encoder.patch_size, mae.norm_pix_loss
         self.register_buffer("mean", torch.tensor(cfg.data.mean).view(1, 3, 1, 1, 1), persistent=False)

@@ -15,7 +15,7 @@ from ..models import build_encoder
 from ..models.heads import MaskedDecoder
 from ..teachers import build_teacher
 from ..teachers.cache import check_fingerprint, load_manifest, mvd_fingerprint
-from .base import Method, StepOutput
+from .base import Method, StepOutput, restore_decoders
 
 LOSSES = {"smooth_l1": F.smooth_l1_loss, "l2": F.mse_loss, "l1": F.l1_loss}
 
@@ -31,31 +31,30 @@ class MVDStudent(nn.Module):
 
 
 class MVDTeachers(nn.Module):
-    """The two frozen teachers, run on the unmasked clip (online in the step, or once by tools/cache_teachers.py)."""
+    """The two frozen teachers, run on the unmasked clip (online in the step, or once by tools/cache_teachers.py).
+    `image` / `video`: ready Teacher modules (build_teacher) instead of the ones the config names."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, image: nn.Module | None = None, video: nn.Module | None = None):
         super().__init__()
         m, c = cfg.model, cfg.method.mvd
-        size = c.teacher_size or cfg.data.size
+        size = c.teacher_size or cfg.data.size  # only the image teacher is resized (official --teacher_input_size)
         patch = size * m.patch // m.img_size  # the same token grid as the student (e.g. 196 / 14 = 224 / 16)
-        self.image = build_teacher(c.image_teacher, c.image_teacher_weights,
-                                   **({} if c.image_teacher.startswith("timm:") else {"img_size": size, "patch": patch}))
-        self.video = build_teacher(c.video_teacher, c.video_teacher_weights, **(
+        self.image = image or build_teacher(c.image_teacher, c.image_teacher_weights, **(
+            {} if c.image_teacher.startswith("timm:") else {"img_size": size, "patch": patch}))
+        self.video = video or build_teacher(c.video_teacher, c.video_teacher_weights, **(
             {} if c.video_teacher.startswith("timm:") else
-            {"img_size": size, "num_frames": m.num_frames, "tubelet": m.tubelet, "patch": patch}))
+            {"img_size": cfg.data.size, "num_frames": m.num_frames, "tubelet": m.tubelet, "patch": m.patch}))
         self.dims = {"img": self.image.embed_dim, "vid": self.video.embed_dim}
         self.tubelet, self.teacher_size, self.norm_targets = m.tubelet, c.teacher_size, c.norm_targets
 
     @torch.no_grad()
     def forward(self, video: torch.Tensor) -> dict[str, torch.Tensor]:
         """Teacher features of the unmasked clip, in the student's (t, h, w) token order.  # img [B,N,Di], vid [B,N,Dv]"""
-        if self.teacher_size and self.teacher_size != video.shape[-1]:  # the same crop at the teacher's size
-            b, t = video.shape[0], video.shape[2]
-            frames = F.interpolate(rearrange(video, "b c t h w -> (b t) c h w"), size=self.teacher_size,
-                                   mode="bilinear", align_corners=False, antialias=True)
-            video = rearrange(frames, "(b t) c h w -> b c t h w", b=b, t=t)
         t = video.shape[2] // self.tubelet
         frames = rearrange(video[:, :, ::self.tubelet], "b c t h w -> (b t) c h w")  # every tubelet-th frame
+        if self.teacher_size and self.teacher_size != frames.shape[-1]:  # the same crop at the image teacher's size
+            frames = F.interpolate(frames, size=self.teacher_size, mode="bilinear", align_corners=False,
+                                   antialias=True)
         img = rearrange(self.image(frames), "(b t) l d -> b (t l) d", t=t)
         vid = self.video(video)
         if self.norm_targets:
@@ -64,25 +63,32 @@ class MVDTeachers(nn.Module):
 
 
 class MVD(Method):
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, teachers: MVDTeachers | None = None):
         m, c = cfg.model, cfg.method.mvd
-        if c.targets == "cache":  # teachers ran once, offline: only their output widths are needed here
+        if teachers is not None:  # built by the caller (e.g. teachers of sizes no registered variant has)
+            dims = teachers.dims
+        elif c.targets == "cache":  # teachers ran once, offline: only their output widths are needed here
             manifest = load_manifest(cfg.data.targets)
             check_fingerprint(manifest, mvd_fingerprint(cfg), cfg.data.targets)
             teachers, dims = None, manifest["dims"]
         else:
             teachers = MVDTeachers(cfg)
             dims = teachers.dims
-        encoder = build_encoder(m)
+        encoder, ck = build_encoder(m, with_checkpoint=True)
         prefix = 1 if getattr(encoder, "cls_token", None) is not None else 0
         dim = c.decoder_dim or encoder.embed_dim
         heads = c.decoder_heads or encoder.blocks[0].attn.heads
 
         def decoder(out_dim):  # MVD: Linear(enc→dec, with bias), mask token, 3D sin-cos positions, blocks, LN, head
             return MaskedDecoder(encoder.num_patches, encoder.embed_dim, dim, c.decoder_depth, heads, out_dim,
-                                 m.attn_backend, m.grad_ckpt, grid=encoder.grid, embed_bias=True, num_prefix=prefix)
+                                 m.attn_backend, m.grad_ckpt, grid=encoder.grid, embed_bias=True, num_prefix=prefix,
+                                 drop_path=m.drop_path)
 
-        super().__init__(MVDStudent(encoder, decoder(dims["img"]), decoder(dims["vid"])), teachers)
+        student = MVDStudent(encoder, decoder(dims["img"]), decoder(dims["vid"]))
+        if ck is not None:  # an MVD pretraining checkpoint continues with both decoders
+            restore_decoders(ck, {"decoder_img": student.image_decoder, "decoder_vid": student.video_decoder},
+                             "method.mvd.decoder_dim/decoder_depth/decoder_heads and the teachers' widths")
+        super().__init__(student, teachers)
         self.cfg = c
 
     def targets(self, batch: Batch) -> dict[str, torch.Tensor]:
@@ -90,7 +96,7 @@ class MVD(Method):
             if "img" not in batch.targets:
                 raise ValueError("method.mvd.targets=cache but the batch has no cached targets: set data.targets")
             return {k: batch.targets[k].float() for k in ("img", "vid")}
-        return self.frozen(batch.video)
+        return self.run_frozen(self.frozen, batch.video)
 
     def forward(self, batch: Batch) -> StepOutput:
         c, mask = self.cfg, batch.mask

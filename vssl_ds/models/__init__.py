@@ -9,12 +9,14 @@ from . import swin3d, vit, vit2d, vit_divided  # noqa: E402,F401  (register thei
 __all__ = ["create_model", "list_models", "register_model"]
 
 
-def build_encoder(m, **extra) -> "torch.nn.Module":  # noqa: F821
+def build_encoder(m, with_checkpoint: bool = False, drop: tuple[str, ...] = (), **extra):
     """The encoder a `ModelConfig` describes, with `m.pretrained` (a local file in any supported format,
-    see weights.py) loaded into it."""
+    see weights.py) loaded into it. `with_checkpoint=True` → (model, Checkpoint or None): the caller loads
+    the file's other parts (decoders, fc_norm, head) and reports what it leaves; `drop`: encoder key prefixes
+    deliberately not loaded."""
     import logging
 
-    from .weights import load_pretrained
+    from .weights import load_pretrained, report_unused
 
     if m.pos_embed != "sincos":  # only the ViTs take it
         extra["pos_embed"] = m.pos_embed
@@ -22,10 +24,13 @@ def build_encoder(m, **extra) -> "torch.nn.Module":  # noqa: F821
         extra["window"] = tuple(m.window)
     model = create_model(m.name, img_size=m.img_size, num_frames=m.num_frames, tubelet=m.tubelet, patch=m.patch,
                          drop_path=m.drop_path, attn_backend=m.attn_backend, grad_ckpt=m.grad_ckpt, **extra)
+    ck = None
     if m.pretrained:
-        fmt = load_pretrained(model, m.pretrained)
-        logging.getLogger(__name__).info("encoder %s initialised from %s (%s format)", m.name, m.pretrained, fmt)
-    return model
+        ck = load_pretrained(model, m.pretrained, drop=drop)
+        logging.getLogger(__name__).info("encoder %s initialised from %s (%s format)", m.name, m.pretrained, ck.fmt)
+        if not with_checkpoint:
+            report_unused(ck, who=f"encoder {m.name}")
+    return (model, ck) if with_checkpoint else model
 
 
 __all__ += ["build_encoder"]

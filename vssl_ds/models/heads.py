@@ -11,11 +11,12 @@ from .vit import init_weights
 class MaskedDecoder(nn.Module):
     """VideoMAE / MVD decoder: visible tokens + mask tokens, each with its fixed position (VideoMAE's 1D table,
     or MVD's 3D one when `grid` is given), through `depth` blocks; predicts `out_dim` values for every masked
-    token, in the order the mask lists them."""
+    token, in the order the mask lists them. Stochastic depth grows over the decoder's blocks up to `drop_path`,
+    as in the official VideoMAE / MVD decoders (which take the encoder's rate)."""
 
     def __init__(self, num_patches: int, enc_dim: int, dim: int, depth: int, heads: int, out_dim: int,
                  attn_backend: str = "auto", grad_ckpt: bool = False, grid: tuple | None = None,
-                 embed_bias: bool = False, num_prefix: int = 0):
+                 embed_bias: bool = False, num_prefix: int = 0, drop_path: float = 0.0):
         super().__init__()
         self.num_prefix = num_prefix  # encoder tokens before the patches (CLS): kept, without position
         self.embed = nn.Linear(enc_dim, dim, bias=embed_bias)
@@ -24,7 +25,8 @@ class MaskedDecoder(nn.Module):
             sincos_3d_table(grid, dim) if len(grid) == 3 else sincos_2d_table(grid, dim)
         self.register_buffer("pos_embed", table, persistent=False)
         backend = resolve_backend(attn_backend)
-        self.blocks = nn.ModuleList(Block(dim, heads, 4.0, True, 0.0, backend) for _ in range(depth))
+        rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]  # as the encoder (official decoders)
+        self.blocks = nn.ModuleList(Block(dim, heads, 4.0, True, r, backend) for r in rates)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.head = nn.Linear(dim, out_dim)
         self.grad_ckpt = grad_ckpt

@@ -1,14 +1,22 @@
 """Weights from elsewhere, offline: files on disk in the formats people have.
 
-Key mappings (documented here, tested in tests/test_weights.py):
-- **VideoMAE / MVD** (`checkpoint-*.pth`, `{"model": …}`): pretraining checkpoints prefix the encoder with
-  `encoder.` (dropped), keep the decoder(s) in `decoder*.`, `encoder_to_decoder*`, `mask_token` (ignored);
-  attention biases are `q_bias` + `v_bias` (k has none) → `qkv.bias = [q_bias, 0, v_bias]`; fine-tuned
-  checkpoints put the last norm in `fc_norm` (→ `norm`) and a classifier in `head` (ignored).
+Every released layout is read by a table of rules (`_VIDEOMAE_RULES`, `_SWIN_RULES`): each key of the file is
+mapped into one part (the encoder, a decoder, the fine-tuning `fc_norm` / `head`) or ignored by a rule that
+names why; a key no rule matches is an error that names it. What a caller does not use is reported once.
+
+- **VideoMAE / MVD** (`checkpoint-*.pth`, `{"model" | "module": …}`), pretraining and fine-tuned files, and
+  vssl_ds's own `final_model.pt`:
+  - `encoder.*` (VideoMAE pretraining) or un-prefixed `patch_embed / blocks / norm / cls_token` → encoder;
+  - `decoder.*`, `encoder_to_decoder` (→ `embed`), `mask_token` → part `decoder` (VideoMAE's pixel decoder);
+  - `decoder_{img,vid}.*`, `down_{img,vid}` (→ `embed`), `mask_token_{img,vid}` → parts `decoder_img` /
+    `decoder_vid` (MVD's feature decoders); vssl_ds's `image_decoder.*` / `video_decoder.*` likewise;
+  - `fc_norm.*` → part `fc_norm` (the fine-tuned model's norm of the *pooled* token), `head.*` → part `head`;
+  - stored fixed position tables (`pos_embed`, `pos_embed_{img,vid}`) are compared with the table the model
+    computes: a different table (MVD's 3D one into a 1D model) is an error naming `model.pos_embed`;
+  - attention biases `q_bias` + `v_bias` (k has none) → `qkv.bias = [q_bias, 0, v_bias]`.
 - **Video Swin / BEVT** (mmaction, `{"state_dict": …}`): `backbone.` prefix dropped; `cls_head.`, BEVT's
   pretraining head kept in the backbone (`lm_down*`, `fpn*`), `relative_position_index` and `attn_mask`
-  buffers ignored; BEVT's `patch_embed_2d` loads when the model has an image embedding. Names are otherwise
-  the official ones.
+  buffers ignored by named rules; BEVT's `patch_embed_2d` loads when the model has an image embedding.
 - **timm 2D ViT → video ViT** (inflation): the patch kernel `[D,C,p,p]` becomes `[D,C,t,p,p]`, either
   averaged over t (`average`) or on the centre slice (`central`); a learned position table is resized
   to the grid and repeated over time; the CLS entry is dropped when the video model has no CLS.
@@ -21,6 +29,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,8 +39,20 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class Checkpoint:
+    """A weight file split by what each part initialises (keys already in vssl_ds's module names)."""
+    path: str
+    fmt: str
+    encoder: dict[str, torch.Tensor]
+    parts: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # decoder | decoder_img | … | head
+    tables: dict[str, torch.Tensor] = field(default_factory=dict)  # fixed position tables stored in the file
+    ignored: dict[str, str] = field(default_factory=dict)  # file key → the rule that leaves it out
+
+
 def load_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from .safetensors / .pth / .pt / .bin, unwrapped from `model` / `module` / `state_dict`."""
+    """A state dict from .safetensors / .pth / .pt / .bin / .pyth, unwrapped from `model` / `module` /
+    `state_dict` / `model_state`."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weight file '{path}' does not exist (vssl_ds never downloads: give a local file)")
@@ -48,38 +69,74 @@ def load_file(path: str | Path) -> dict[str, torch.Tensor]:
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"'{path}' is not a state dict (nor one under 'model'/'module'/'state_dict')")
+        raise ValueError(f"'{path}' is not a state dict (nor one under 'model'/'module'/'state_dict'/'model_state')")
     return dict(obj)
 
 
-def from_videomae(sd: dict) -> dict:
-    """VideoMAE / MVD checkpoint (pretraining or fine-tuning) → VideoViT keys."""
-    out = {}
-    for k, v in sd.items():
-        k = k.removeprefix("module.")
-        if k.startswith("encoder."):
-            k = k.removeprefix("encoder.")
-        elif k.startswith(("decoder", "encoder_to_decoder", "mask_token", "teacher")):
-            continue  # the pretraining decoders and their tokens are not part of the encoder
-        if k.startswith("head."):
-            continue
-        out[k.replace("fc_norm.", "norm.")] = v
-    for k in [k for k in out if k.endswith(".attn.q_bias")]:
-        q, vb = out.pop(k), out.pop(k.replace("q_bias", "v_bias"))
-        out[k.replace("q_bias", "qkv.bias")] = torch.cat([q, torch.zeros_like(q), vb])
-    return out
+# (pattern on the file key, destination, replacement). Destination: a part name ("encoder", "decoder", …),
+# "table:<part>" for a stored fixed position table, or "ignore:<why>". The first full match wins.
+_VIDEOMAE_RULES = [
+    (r"module\.(.*)", "again", r"\1"),
+    (r"encoder\.pos_embed", "table:encoder", ""),
+    (r"encoder\.(.*)", "encoder", r"\1"),
+    (r"encoder_to_decoder\.(.*)", "decoder", r"embed.\1"),
+    (r"mask_token", "decoder", "mask_token"),
+    (r"decoder\.(.*)", "decoder", r"\1"),
+    (r"down_(img|vid)\.(.*)", r"decoder_\1", r"embed.\2"),
+    (r"mask_token_(img|vid)", r"decoder_\1", "mask_token"),
+    (r"pos_embed_(img|vid)", r"table:decoder_\1", ""),
+    (r"decoder_(img|vid)\.(.*)", r"decoder_\1", r"\2"),
+    (r"image_decoder\.(.*)", "decoder_img", r"\1"),
+    (r"video_decoder\.(.*)", "decoder_vid", r"\1"),
+    (r"fc_norm\.(.*)", "fc_norm", r"\1"),
+    (r"head\.(.*)", "head", r"\1"),
+    (r"pos_embed", "table:encoder", ""),
+    (r"((?:patch_embed|blocks|norm|cls_token)(?:\..*)?)", "encoder", r"\1"),
+]
+_SWIN_RULES = [
+    (r"module\.(.*)", "again", r"\1"),
+    (r"backbone\.(.*)", "again", r"\1"),
+    (r".*relative_position_index|.*attn_mask", "ignore:a buffer the model computes from its window", ""),
+    (r"cls_head\.(.*)", "head", r"\1"),
+    (r"neck\..*", "ignore:an mmaction neck (not part of the encoder)", ""),
+    (r"(lm_down.*|fpn.*)", "bevt_head", r"\1"),
+    (r"(.*)", "encoder", r"\1"),
+]
 
 
-def from_video_swin(sd: dict) -> dict:
-    """Official Video Swin / BEVT (mmaction) checkpoint → VideoSwin keys. BEVT keeps its pretraining head in the
-    backbone (`lm_down*`, `fpn*`): dropped, like the classification head."""
-    out = {}
-    for k, v in sd.items():
-        k = k.removeprefix("module.").removeprefix("backbone.")
-        if k.startswith(("cls_head", "neck", "lm_down", "fpn")) or k.endswith(("relative_position_index", "attn_mask")):
-            continue
-        out[k] = v
-    return out
+def _apply_rules(sd: dict, rules: list, path: str, fmt: str) -> Checkpoint:
+    ck = Checkpoint(str(path), fmt, {})
+    for key, value in sd.items():
+        k = key
+        while True:
+            for pattern, dest, repl in rules:
+                m = re.fullmatch(pattern, k)
+                if m:
+                    break
+            else:
+                raise ValueError(f"'{path}' ({fmt} layout): unexpected key '{key}' — no rule maps it; is this the "
+                                 "file you meant? (the layouts vssl_ds reads are listed in vssl_ds/models/weights.py)")
+            if dest != "again":
+                break
+            k = m.expand(repl)
+        dest = m.expand(dest)
+        if dest.startswith("ignore:"):
+            ck.ignored[key] = dest.removeprefix("ignore:")
+        elif dest.startswith("table:"):
+            ck.tables[dest.removeprefix("table:")] = value
+        else:
+            part = ck.encoder if dest == "encoder" else ck.parts.setdefault(dest, {})
+            part[m.expand(repl)] = value
+    for part in [ck.encoder, *ck.parts.values()]:
+        _fuse_qv_bias(part)
+    return ck
+
+
+def _fuse_qv_bias(sd: dict) -> None:
+    """VideoMAE's attention has q_bias and v_bias but no k bias → one qkv.bias = [q_bias, 0, v_bias]."""
+    for k in [k for k in sd if k.endswith("attn.q_bias")]:
+        q, vb = sd.pop(k), sd.pop(k.replace("q_bias", "v_bias"))
+        sd[k.replace("q_bias", "qkv.bias")] = torch.cat([q, torch.zeros_like(q), vb])
 
 
 def inflate_patch(w2d: torch.Tensor, t: int, mode: str = "average") -> torch.Tensor:
@@ -144,10 +201,11 @@ def inflate_swin(sd2d: dict, model: nn.Module, mode: str = "average") -> dict:
     return out
 
 
-def load_into(model: nn.Module, sd: dict, what: str, allow_missing=("mask_token", "cls_token")) -> None:
-    """Strict about everything but the parameters a pretraining method adds (mask/CLS tokens)."""
+def load_into(module: nn.Module, sd: dict, what: str, allow_missing=()) -> None:
+    """Strict: every key of `sd` must land and every parameter of `module` must be given, but for the ones a
+    method adds on top of a released encoder (`allow_missing`: mask / CLS tokens)."""
     try:
-        missing, unexpected = model.load_state_dict(sd, strict=False)
+        missing, unexpected = module.load_state_dict(sd, strict=False)
     except RuntimeError as e:  # shape mismatches
         raise ValueError(f"{what}: {str(e)[:600]} — is the model name/size right for this file?") from None
     missing = [k for k in missing if not any(a in k for a in allow_missing)]
@@ -168,27 +226,99 @@ def detect_format(sd: dict) -> str:
     return "native"
 
 
-def load_pretrained(model: nn.Module, path: str | Path, mode: str = "average") -> str:
-    """Load any supported file into `model`, converting by detected format; → the format it used."""
+def read_checkpoint(path: str | Path, model: nn.Module, mode: str = "average") -> Checkpoint:
+    """Read `path` and split it by the rules of its layout; 2D files are inflated to `model`'s shapes."""
     sd = load_file(path)
     fmt = detect_format(sd)
     from .swin3d import VideoSwin
     from .vit import VideoViT
 
     if fmt == "videomae":
-        sd = from_videomae(sd)
-    elif fmt == "video_swin":
-        sd = from_video_swin(sd)
-    elif fmt == "swin2d" and isinstance(model, VideoSwin):
+        return _apply_rules(sd, _VIDEOMAE_RULES, path, fmt)
+    if fmt == "video_swin":
+        return _apply_rules(sd, _SWIN_RULES, path, fmt)
+    if fmt == "swin2d" and isinstance(model, VideoSwin):
         sd = inflate_swin(sd, model, mode)
     elif fmt == "vit2d" and isinstance(model, VideoViT):
         sd = inflate_vit(sd, model, mode)
+    return Checkpoint(str(path), fmt, sd)
+
+
+def table_kind(table: torch.Tensor, grid: tuple, dim: int) -> str:
+    """Which fixed sin-cos table `table` [1,N,D] is, over a (t, h, w) token grid: the `model.pos_embed` value."""
+    from .layers import sincos_3d_table, sincos_table
+
+    candidates = {"sincos": lambda: sincos_table(table.shape[1], dim)}
+    if len(grid) == 3 and math.prod(grid) == table.shape[1]:
+        candidates["sincos3d"] = lambda: sincos_3d_table(grid, dim)
+    for name, make in candidates.items():
+        try:
+            ref = make()
+        except ValueError:  # a width that table cannot have
+            continue
+        if ref.shape == table.shape and torch.allclose(ref, table.float(), atol=1e-5):
+            return name
+    return "learned"
+
+
+def check_table(stored: torch.Tensor, module: nn.Module, what: str, field_name: str) -> None:
+    """A fixed table stored in a file must be the one `module` computes (else the file was trained with another)."""
+    own = module.pos_embed
+    if own.shape == stored.shape and torch.allclose(own.float(), stored.float(), atol=1e-5):
+        return
+    grid = getattr(module, "grid", (own.shape[1],))
+    have, want = table_kind(own, grid, own.shape[-1]), table_kind(stored, grid, stored.shape[-1])
+    raise ValueError(f"{what}: the file's position table is {want!r} {tuple(stored.shape)} but the model uses "
+                     f"{have!r} {tuple(own.shape)}: set {field_name}={want}" if want != "learned" else
+                     f"{what}: the file's position table {tuple(stored.shape)} is not the fixed table the model "
+                     f"computes ({have}); a learned table needs {field_name}=learned")
+
+
+def load_encoder(model: nn.Module, ck: Checkpoint, drop: tuple[str, ...] = ()) -> None:
+    """Load the encoder part of `ck` into `model` (strict), checking or loading its position table. `drop`:
+    encoder key prefixes deliberately left out (fine-tuning drops the pretrained final norm)."""
+    what = f"loading '{ck.path}' ({ck.fmt} format) into {type(model).__name__}"
+    sd = {k: v for k, v in ck.encoder.items() if not k.startswith(drop)}
+    own = getattr(model, "pos_embed", None)
+    stored = ck.tables.get("encoder")
+    if stored is None and not isinstance(own, nn.Parameter) and "pos_embed" in sd:
+        stored = sd.pop("pos_embed")  # a file that stores the fixed table the model computes
+    if stored is not None and isinstance(own, nn.Parameter):
+        sd["pos_embed"] = stored
+    elif stored is not None and own is not None:
+        check_table(stored, model, what, "model.pos_embed")
     if getattr(model, "patch_embed_2d", True) is None:  # BEVT's image patch embedding, for a video-only model
         sd = {k: v for k, v in sd.items() if not k.startswith("patch_embed_2d.")}
-    if "pos_embed" in sd and not isinstance(getattr(model, "pos_embed", None), nn.Parameter):
-        sd.pop("pos_embed")  # the model uses its fixed sin-cos table
     from .vit_divided import DividedViT
 
     allow = ("mask_token", "cls_token") + (("temporal_", "time_embed") if isinstance(model, DividedViT) else ())
-    load_into(model, sd, f"loading '{path}' ({fmt} format) into {type(model).__name__}", allow)
-    return fmt
+    load_into(model, sd, what, allow)
+
+
+def report_unused(ck: Checkpoint, used: tuple[str, ...] = (), who: str = "") -> None:
+    """One log line naming what of the file is not used (parts, ignored keys) — never silent."""
+    unused = {p: len(v) for p, v in ck.parts.items() if p not in used}
+    if unused or ck.ignored:
+        log.info("%s: not used from '%s': %s%s", who or "loader", ck.path,
+                 ", ".join(f"{p} ({n} tensors)" for p, n in unused.items()),
+                 (("; " if unused else "") + "ignored: " + ", ".join(sorted(set(ck.ignored.values())))) if ck.ignored else "")
+
+
+def load_pretrained(model: nn.Module, path: str | Path, mode: str = "average", drop: tuple[str, ...] = ()) -> Checkpoint:
+    """Load the encoder of any supported file into `model` → the split checkpoint (its other parts — decoders,
+    fc_norm, head — for the caller that uses them)."""
+    ck = read_checkpoint(path, model, mode)
+    load_encoder(model, ck, drop)
+    return ck
+
+
+def load_part(module: nn.Module, ck: Checkpoint, part: str, field_name: str) -> bool:
+    """Load part `part` of `ck` (a decoder, fc_norm, head) into `module` strictly; False when the file has none.
+    A stored fixed position table is checked against the module's."""
+    if part not in ck.parts:
+        return False
+    what = f"loading {part} of '{ck.path}' into {type(module).__name__}"
+    if part in ck.tables and getattr(module, "pos_embed", None) is not None:
+        check_table(ck.tables[part], module, what, field_name)
+    load_into(module, ck.parts[part], what + f" (check {field_name})")
+    return True

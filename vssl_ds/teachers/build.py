@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from ..models import create_model
-from ..models.weights import load_pretrained
+from ..models.weights import load_pretrained, report_unused
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,8 @@ def build_teacher(spec: str, weights: str = "", **model_kwargs) -> Teacher:
         prefix = 1 if getattr(model, "cls_token", None) is not None else 0
         return Teacher(model, prefix, timm_model=False)
     model = create_model(spec, **model_kwargs)
-    fmt = load_pretrained(model, weights)
-    log.info("teacher %s loaded from %s (%s format)", spec, weights, fmt)
+    ck = load_pretrained(model, weights)
+    log.info("teacher %s loaded from %s (%s format)", spec, weights, ck.fmt)
+    report_unused(ck, who=f"teacher {spec}")
     prefix = 1 if getattr(model, "cls_token", None) is not None else 0
     return Teacher(model, prefix, timm_model=False)

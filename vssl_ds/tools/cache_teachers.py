@@ -97,7 +97,8 @@ class Teachers:
         from ..methods.mvd import MVDTeachers
 
         self.cfg, self.device = cfg, device
-        self.model = MVDTeachers(cfg).to(device).eval()
+        self.model = MVDTeachers(cfg).to(device).eval()  # fp32 weights, bf16 autocast on GPU (verify: vs fp32)
+        self.autocast = device.type == "cuda"
         self.dims = self.model.dims
         m = cfg.model
         self.rows = (m.num_frames // m.tubelet) * (m.img_size // m.patch) ** 2  # target rows per view
@@ -107,7 +108,7 @@ class Teachers:
     @torch.no_grad()
     def __call__(self, clips: torch.Tensor) -> dict[str, torch.Tensor]:  # clips [B,1,T,H,W,C] uint8
         video = normalize(clips[:, 0].permute(0, 4, 1, 2, 3).to(self.device), self.cfg.data.mean, self.cfg.data.std)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             return {k: v.float().cpu() for k, v in self.model(video).items()}
 
 
@@ -122,6 +123,7 @@ class Tokenizer:
         c = cfg.method.bevt
         self.cfg, self.device, self.size = cfg, device, cfg.model.img_size // 2
         self.model = build_tokenizer(c.tokenizer, c.tokenizer_weights).to(device)
+        self.autocast = False  # token ids are argmaxes: the tokenizer runs in fp32
         self.dims = {"tok": 1}
         self.rows = cfg.model.num_frames * (cfg.model.img_size // 16) ** 2  # one id per 16-px cell of every frame
         self.vocab = self.model.vocab_size
@@ -150,6 +152,7 @@ class FrameEmbeddings:
 
         self.cfg, self.device, self.pool = cfg, device, cfg.method.iboot.teacher_pool
         self.model = build_image_model(cfg).to(device).eval()
+        self.autocast = device.type == "cuda"
         self.dims = {n: self.model.embed_dim for n in self.names}
         self.rows = cfg.model.num_frames
         self.fingerprint = iboot_fingerprint(cfg)
@@ -164,7 +167,7 @@ class FrameEmbeddings:
         out = {}
         for i, name in enumerate(self.names):
             video = normalize(clips[:, i].permute(0, 4, 1, 2, 3).to(self.device), self.cfg.data.mean, self.cfg.data.std)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 out[name] = frame_embeddings(self.model, video, self.pool).float().cpu()
         return out
 
@@ -234,7 +237,8 @@ def _compare(a: torch.Tensor, b: torch.Tensor) -> dict:
 
 def verify(out: Path, cfg, teachers, count: int, seed: int = 0) -> dict:
     """Recompute `count` random cached views from the media and compare with what the cache holds:
-    min cosine and max relative error for features, min agreement for token ids."""
+    min cosine and max relative error for features, min agreement for token ids; `vs_fp32_*` compares the
+    cache with the same teachers run wholly in fp32 (what bf16 autocast and the storage dtype cost)."""
     rng = np.random.default_rng(seed)
     sub, spec, view = teachers.streams[0]
     shards = resolve_shards(spec)
@@ -250,10 +254,15 @@ def verify(out: Path, cfg, teachers, count: int, seed: int = 0) -> dict:
             k = int(rng.integers(len(meta["views"])))
             _, clips = draw_views(raw, view, cfg, len(meta["views"]))
             fresh = teachers(clips[k:k + 1])
+            low, teachers.autocast = teachers.autocast, False
+            exact = teachers(clips[k:k + 1]) if low else fresh  # the same views in fp32: the precision's cost
+            teachers.autocast = low
             for n in teachers.names:
-                for key, v in _compare(decode_targets(entry, n, k), fresh[n][0]).items():
-                    worst = max if key == "rel_err_max" else min
-                    stats.setdefault(n, {})[key] = worst(stats.get(n, {}).get(key, v), v)
+                cached = decode_targets(entry, n, k)
+                for tag, ref in (("", fresh[n][0]), ("vs_fp32_", exact[n][0])):
+                    for key, v in _compare(cached, ref).items():
+                        worst = max if key == "rel_err_max" else min
+                        stats.setdefault(n, {})[tag + key] = worst(stats.get(n, {}).get(tag + key, v), v)
             done += 1
             if done >= count:
                 return {"views": done, **stats}

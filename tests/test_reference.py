@@ -1,0 +1,188 @@
+"""Parity with the official code, held against the golden fixtures in ../shared/reference (its README is the
+data card: architectures, conventions, tolerance). Every file is loaded through the public paths a user takes
+(`model.pretrained`, `eval.weights`, `build_teacher`, the methods' constructors); nothing here knows a fixture's
+keys. Sections: 1 VideoMAE pretraining, 2 MVD, 3 fine-tuned VideoMAE, 4 continued pretraining."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from vssl_ds.config.loader import load_config
+from vssl_ds.data.batch import Batch
+from vssl_ds.methods import build_method
+from vssl_ds.methods.losses import pixel_targets
+from vssl_ds.teachers import build_teacher
+
+REF = Path(__file__).resolve().parents[2] / "shared" / "reference"
+pytestmark = pytest.mark.skipif(not (REF / "MANIFEST.json").is_file(), reason="../shared/reference is not beside the repo")
+
+# the fixtures' common architecture (data card, "Conventions"): 16 frames of 64², tubelet 2, patch 16
+VIDEO = ["data.size=64", "data.num_frames=16", "model.img_size=64", "model.num_frames=16", "model.tubelet=2",
+         "model.patch=16", "model.drop_path=0.0", "model.attn_backend=math", "model.name=vit_micro_video"]
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """The data card's tolerance (section 6): |a − e| ≤ 1e-5 + 1e-4·|e| element-wise."""
+    torch.testing.assert_close(actual.detach().float(), expected.float(), rtol=1e-4, atol=1e-5)
+
+
+def expected(name: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(REF / name / "expected.safetensors"))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the references were computed with one intra-op thread
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_every_listed_fixture_file_is_present_and_intact():
+    """The data card's MANIFEST lists every file with its sha256: a damaged fixture fails here, not as a
+    mysterious mismatch further down."""
+    import hashlib
+
+    manifest = json.loads((REF / "MANIFEST.json").read_text())
+    files = manifest.get("files", manifest)
+    items = files.items() if isinstance(files, dict) else [(f["path"], f) for f in files]
+    checked = 0
+    for rel, info in items:
+        digest = info.get("sha256") if isinstance(info, dict) else None
+        if digest and (REF / rel).is_file():
+            assert hashlib.sha256((REF / rel).read_bytes()).hexdigest() == digest, rel
+            checked += 1
+    assert checked >= 8
+
+
+# --- 1 and 4: VideoMAE pretraining, continued from the released checkpoint ------------------------------------
+def videomae(extra=()):
+    cfg = load_config("videomae_vit_b", [*VIDEO, f"model.pretrained={REF / 'videomae_pretrain/checkpoint.pth'}",
+                                         "method.mae.decoder_dim=48", "method.mae.decoder_depth=2",
+                                         "method.mae.decoder_heads=3", *extra])
+    return build_method(cfg).eval()
+
+
+def test_videomae_pretraining_matches_the_official_model_engine_and_loss():
+    ref = expected("videomae_pretrain")
+    clip, mask = ref["clip"], ref["mask"]
+    method = videomae()
+    student = method.trainable
+    close(student.encoder.pos_embed, ref["pos_embed_encoder"])
+    close(student.decoder.pos_embed, ref["pos_embed_decoder"])
+    close(student.encoder(clip, mask), ref["encoder_visible"])
+    close(student(clip, mask), ref["decoder_pred"])  # section 4: the decoder continues from the file
+    pixels = clip * method.std + method.mean
+    close(pixel_targets(pixels, student.encoder.patch_size, True)[mask].reshape(1, -1, 1536), ref["target_norm"])
+    with torch.no_grad():
+        close(method(Batch(video=clip, mask=mask)).loss, ref["loss_norm"])
+        close(videomae(["method.mae.norm_pix_loss=false"])(Batch(video=clip, mask=mask)).loss, ref["loss_raw"])
+
+
+def test_a_decoder_that_does_not_fit_the_file_is_an_error_naming_the_fields():
+    with pytest.raises(ValueError, match="decoder.*method.mae.decoder_dim"):
+        videomae(["method.mae.decoder_dim=32", "method.mae.decoder_heads=2"])
+
+
+# --- 2 and 4: MVD ----------------------------------------------------------------------------------------------
+def mvd_teachers(cfg):
+    from vssl_ds.methods.mvd import MVDTeachers
+
+    # the fixture's teachers have widths no registered variant has: built through build_teacher, as a user would
+    image = build_teacher("vit2d_micro_patch16", weights=str(REF / "mvd_pretrain/image_teacher_mae.pth"),
+                          img_size=64, patch=16, embed_dim=96, num_heads=3, attn_backend="math")
+    video = build_teacher("vit_micro_video", weights=str(REF / "mvd_pretrain/video_teacher_videomae.pth"),
+                          img_size=64, num_frames=16, tubelet=2, patch=16, embed_dim=80, num_heads=2,
+                          attn_backend="math")
+    return MVDTeachers(cfg, image=image, video=video)
+
+
+def mvd(extra=()):
+    from vssl_ds.methods.mvd import MVD
+
+    cfg = load_config("mvd_vit_b", [*VIDEO, f"model.pretrained={REF / 'mvd_pretrain/student_checkpoint.pth'}",
+                                    "model.pos_embed=sincos3d", "method.mvd.decoder_dim=48",
+                                    "method.mvd.decoder_heads=3", "method.mvd.decoder_depth=2", *extra])
+    return MVD(cfg, teachers=mvd_teachers(cfg)).eval()
+
+
+def test_mvd_matches_the_official_student_teachers_targets_and_losses():
+    ref = expected("mvd_pretrain")
+    clip, mask = ref["clip"], ref["mask"]
+    method = mvd()
+    student = method.trainable
+    close(student.encoder.pos_embed, ref["pos_embed_encoder"])
+    close(student.image_decoder.pos_embed, ref["pos_embed_decoder"])
+    close(student.encoder(clip, mask), ref["student_encoder_visible"])
+    image_pred, video_pred = student(clip, mask)
+    close(image_pred, ref["image_pred"])  # section 4: both decoders continue from the file
+    close(video_pred, ref["video_pred"])
+    feats = method.frozen(clip)
+    close(feats["img"], ref["image_teacher_features"])
+    close(feats["vid"], ref["video_teacher_features"])
+    close(feats["img"][mask].reshape(1, -1, 96), ref["image_target"])
+    close(feats["vid"][mask].reshape(1, -1, 80), ref["video_target"])
+    with torch.no_grad():
+        out = method(Batch(video=clip, mask=mask))
+        close(out.loss, ref["loss"])
+        close(out.metrics["loss/image_teacher"], ref["loss_img"])
+        close(out.metrics["loss/video_teacher"], ref["loss_vid"])
+        normed = mvd(["method.mvd.norm_targets=true"])(Batch(video=clip, mask=mask))
+        close(normed.loss, ref["loss_normfeat"])
+        close(normed.metrics["loss/image_teacher"], ref["loss_img_normfeat"])
+        close(normed.metrics["loss/video_teacher"], ref["loss_vid_normfeat"])
+
+
+def test_an_mvd_checkpoint_into_a_1d_position_model_names_model_pos_embed():
+    cfg = load_config("finetune_vit_b", [*VIDEO, f"model.pretrained={REF / 'mvd_pretrain/student_checkpoint.pth'}",
+                                         "eval.num_classes=10"])
+    with pytest.raises(ValueError, match="model.pos_embed=sincos3d"):
+        build_method(cfg)
+
+
+# --- 1, 2 and 3: fine-tuning as the official code -----------------------------------------------------------------
+def classifier(pretrained: str, extra=()):
+    cfg = load_config("finetune_vit_b", [*VIDEO, "eval.num_classes=10", f"model.pretrained={REF / pretrained}",
+                                         *extra])
+    return build_method(cfg).eval()
+
+
+@pytest.mark.parametrize("fixture,pretrained,extra", [
+    ("videomae_pretrain", "videomae_pretrain/checkpoint.pth", []),
+    ("mvd_pretrain", "mvd_pretrain/student_checkpoint.pth", ["model.pos_embed=sincos3d"]),
+])
+def test_finetuning_from_a_pretraining_checkpoint_pools_into_a_fresh_fc_norm(fixture, pretrained, extra):
+    """The official fine-tuning model drops the pretrained final norm and normalises the mean token afresh."""
+    net = classifier(pretrained, extra).trainable
+    with torch.no_grad():
+        close(net.features(expected(fixture)["clip"]), expected(fixture)["finetune_init_pooled"])
+
+
+@pytest.mark.parametrize("field", ["model.pretrained", "eval.weights"])
+def test_a_fine_tuned_checkpoint_loads_fc_norm_after_pooling_and_its_head(field):
+    ref = expected("videomae_finetune")
+    path = REF / "videomae_finetune/checkpoint.pth"
+    cfg = load_config("finetune_vit_b", [*VIDEO, "eval.num_classes=10", f"{field}={path}", "model.drop_path=0.1"])
+    net = build_method(cfg).eval().trainable
+    with torch.no_grad():
+        close(net.features(ref["clip"]), ref["pooled"])
+        close(net(ref["clip"]), ref["logits"])
+
+
+# --- strict loading -----------------------------------------------------------------------------------------------
+def test_an_unexpected_key_in_a_released_layout_is_an_error_naming_it(tmp_path):
+    ck = torch.load(REF / "videomae_pretrain/checkpoint.pth", map_location="cpu", weights_only=False)
+    ck["model"]["encoder.blocks.0.attn.extra_scale"] = torch.ones(1)
+    torch.save({"model": ck["model"]}, tmp_path / "ck.pth")
+    with pytest.raises(ValueError, match="extra_scale"):
+        classifier(str(tmp_path / "ck.pth"))
+    ck["model"].pop("encoder.blocks.0.attn.extra_scale")
+    ck["model"]["teacher_proj.weight"] = torch.ones(1)
+    torch.save({"model": ck["model"]}, tmp_path / "ck.pth")
+    with pytest.raises(ValueError, match="unexpected key 'teacher_proj.weight'"):
+        classifier(str(tmp_path / "ck.pth"))
