@@ -140,6 +140,7 @@ def test_verify_reports_agreement(setup, capsys):
     out = capsys.readouterr().out
     report = json.loads(out[out.index("{"):])
     assert report["views"] == 3 and report["img"]["cosine_min"] > 0.999 and report["vid"]["rel_err_max"] < 1e-2
+    assert report["img"]["vs_fp32_rel_err_max"] < 1e-2  # the cache against the teachers wholly in fp32
 
 
 @pytest.mark.slow

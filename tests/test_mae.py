@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from vssl_ds.config import load_config
@@ -64,3 +65,19 @@ def test_no_weight_decay_on_norms_biases_positions_tokens():
     assert "decoder.mask_token" in skipped and "encoder.norm.weight" in skipped
     assert all(not n.endswith("bias") for n in (names[id(p)] for p in decay["params"]))
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize("recipe,model,decoder,batch", [
+    ("videomae_vit_b", "vit_base_video", (384, 4, 6), 32),
+    ("videomae_vit_l", "vit_large_video", (512, 12, 8), 8),
+    ("videomae_vit_h", "vit_huge_video", (640, 12, 8), 16),
+])
+def test_videomae_teacher_recipes_follow_the_official_scripts(recipe, model, decoder, batch):
+    """MVD's video-teacher stage at each size: official pretrain_videomae_{base,large,huge} with the K400 scripts'
+    --decoder_depth and --batch_size."""
+    from vssl_ds.config.loader import load_config
+
+    cfg = load_config(recipe)
+    m = cfg.method.mae
+    assert (cfg.model.name, (m.decoder_dim, m.decoder_depth, m.decoder_heads), cfg.data.batch_size) == \
+        (model, decoder, batch)

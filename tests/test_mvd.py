@@ -125,17 +125,46 @@ def test_mvd_runs_with_two_deepspeed_ranks(shards, teachers, tmp_path):
 
 
 def test_teachers_at_their_own_input_size(teachers, tmp_path):
-    """A teacher with another patch size (e.g. ViT-H/14 at 196² for a /16 student at 224²) sees the same crop
-    resized, on the same token grid."""
+    """MVD's ViT-H route: the image teacher (ViT-H/14 at 196² for a /16 student at 224²) sees every tubelet-th
+    frame of the same crop resized to its size, on the same token grid; the video teacher sees the clip as it is
+    (official --teacher_input_size 196 --video_teacher_input_size 224)."""
+    import torch.nn.functional as F
+    from einops import rearrange
+
+    _, video_teacher, _ = teachers
     torch.manual_seed(3)
-    image = create_model("vit2d_micro_patch16", img_size=28, patch=7)
+    image = create_model("vit2d_micro_patch16", img_size=28, patch=7).eval()
     torch.save(image.state_dict(), tmp_path / "img28.pth")
-    video = create_model("vit_tiny_video", img_size=28, num_frames=8, patch=7)
-    torch.save(video.state_dict(), tmp_path / "vid28.pth")
-    cfg = _cfg(teachers, "method.mvd.teacher_size=28", f"method.mvd.image_teacher_weights={tmp_path / 'img28.pth'}",
-               f"method.mvd.video_teacher_weights={tmp_path / 'vid28.pth'}")
+    cfg = _cfg(teachers, "method.mvd.teacher_size=28", f"method.mvd.image_teacher_weights={tmp_path / 'img28.pth'}")
     method = build_method(cfg)
-    t = method.frozen(_batch(cfg).video)
-    img, vid = t["img"], t["vid"]
-    assert img.shape == (2, 64, 64) and vid.shape == (2, 64, 192)
+    clip = _batch(cfg).video
+    t = method.frozen(clip)
+    frames = F.interpolate(rearrange(clip[:, :, ::2], "b c t h w -> (b t) c h w"), size=28, mode="bilinear",
+                           align_corners=False, antialias=True)
+    expect_img = rearrange(image(frames, norm=False)[:, 1:], "(b t) l d -> b (t l) d", b=2)
+    torch.testing.assert_close(t["img"], expect_img)
+    torch.testing.assert_close(t["vid"], video_teacher(clip, norm=False))
     assert torch.isfinite(method(_batch(cfg)).loss)
+
+
+def test_decoders_take_the_encoders_drop_path(teachers):
+    """Official MVD / VideoMAE decoders use the encoder's stochastic-depth rate, linearly over their blocks."""
+    method = build_method(_cfg(teachers, "model.drop_path=0.2", "method.mvd.decoder_depth=3"))
+    for decoder in (method.trainable.image_decoder, method.trainable.video_decoder):
+        rates = [getattr(b.drop_path, "drop_prob", 0.0) for b in decoder.blocks]
+        assert rates == pytest.approx([0.0, 0.1, 0.2])
+
+
+def test_teachers_run_under_autocast_with_fp32_weights(teachers):
+    """In a low-precision run the frozen teachers keep fp32 weights and run under autocast (the official fp16
+    autocast), not a whole-model cast: their targets stay close to fp32 ones."""
+    cfg = _cfg(teachers)
+    method = build_method(cfg)
+    batch = _batch(cfg)
+    exact = method.targets(batch)
+    method.frozen_dtype = torch.bfloat16
+    low = method.targets(batch)
+    assert all(p.dtype == torch.float32 for p in method.frozen.parameters())
+    for k in ("img", "vid"):
+        rel = ((low[k] - exact[k]).norm() / exact[k].norm()).item()
+        assert 0 < rel < 0.02, (k, rel)

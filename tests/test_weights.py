@@ -125,11 +125,16 @@ def test_model_pretrained_initialises_the_methods_encoder(tmp_path):
 
     torch.manual_seed(0)
     src = create_model("vit_micro_video", img_size=32, num_frames=8, patch=8)
-    torch.save(_videomae_official(src), tmp_path / "ckpt.pth")
+    ck = _videomae_official(src)
+    encoder_only = {k: v for k, v in ck["model"].items() if k.startswith("encoder.")}
+    torch.save({"model": encoder_only}, tmp_path / "ckpt.pth")
     cfg = load_config("tiny_mae", ["model.name=vit_micro_video", "model.img_size=32", "model.patch=8",
                                    f"model.pretrained={tmp_path / 'ckpt.pth'}"])
     method = build_method(cfg)
     assert torch.equal(method.trainable.encoder.blocks[1].mlp.fc2.weight, src.blocks[1].mlp.fc2.weight)
+    torch.save(ck, tmp_path / "ckpt.pth")  # a decoder of other sizes than the recipe's: continuing is impossible
+    with pytest.raises(ValueError, match="decoder.*method.mae.decoder_dim"):
+        build_method(cfg)
 
 
 def test_a_vssl_mae_run_is_an_mvd_video_teacher(tmp_path):

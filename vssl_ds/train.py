@@ -18,7 +18,7 @@ from .config.schema import Config
 from .data.build import build_loader
 from .engine import dist
 from .engine.checkpoint import rng_state, set_rng_state
-from .engine.schedules import build_schedules
+from .engine.schedules import build_schedules, global_batch
 from .logging import Scalars, device_peak_tflops, peak_memory_gib, setup_console
 from .methods import build_method, cache_targets, mask_fns
 
@@ -79,10 +79,10 @@ class Trainer:
         self.loader, samples = build_loader(d, *mask_fns(cfg), self.rank, self.world, cfg.run.seed, *cache_targets(cfg))
 
         self.accum = cfg.engine.grad_accum
-        self.global_batch = d.batch_size * self.world * self.accum
-        self.steps_per_epoch = max(samples // self.global_batch, 1)
+        self.global_batch, self.global_videos = global_batch(d.batch_size, d.repeats, self.world, self.accum)
+        self.steps_per_epoch = max(samples // self.global_videos, 1)
         self.total_steps = cfg.run.max_steps or cfg.run.epochs * self.steps_per_epoch
-        self.schedules = build_schedules(cfg.optim, self.total_steps, self.steps_per_epoch, self.global_batch)
+        self.schedules = build_schedules(cfg.optim, self.total_steps, self.steps_per_epoch, self.global_videos)
 
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         self.method = build_method(cfg)
@@ -122,8 +122,9 @@ class Trainer:
         if cfg.run.auto_resume:
             self.resume()
         stop = StopRequest()
-        log.info("training %d steps (%d/epoch), global batch %d = %d/device x %d devices x %d accumulation, "
-                 "precision %s, ZeRO-%d", self.total_steps, self.steps_per_epoch, self.global_batch,
+        log.info("training %d steps (%d/epoch), global batch %d clips (%d videos x %d repeats) = %d/device x %d "
+                 "devices x %d accumulation, precision %s, ZeRO-%d", self.total_steps, self.steps_per_epoch,
+                 self.global_batch, self.global_videos, cfg.data.repeats,
                  cfg.data.batch_size, self.world, self.accum, self.engine.precision, cfg.engine.zero_stage)
         self._batches = iter(self.loader)
         try:

@@ -168,10 +168,12 @@ class MethodConfig:
 
 @dataclass
 class OptimConfig:
-    blr: float = 1.5e-4  # base lr; lr = blr * global_batch / 256 unless `lr` is set
+    blr: float = 1.5e-4  # base lr; lr = blr * global_batch / 256 unless `lr` is set (global batch in videos:
+    # batch_size / repeats x ranks x grad_accum, as VideoMAE counts it)
     lr: float = 0.0  # absolute lr (overrides blr scaling when > 0)
     min_blr: float = 0.0  # final lr of the cosine, scaled like blr
     min_lr: float = 0.0  # absolute final lr (overrides min_blr when > 0)
+    warmup_blr: float = 0.0  # lr the warmup starts from, scaled like blr (VideoMAE / MVD: warmup_lr 1e-6)
     warmup_epochs: float = 40.0
     warmup_steps: int = 0  # > 0 overrides warmup_epochs
     weight_decay: float = 0.05

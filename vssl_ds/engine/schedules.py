@@ -15,6 +15,13 @@ def cosine(base: float, final: float, total_steps: int, warmup_steps: int = 0, w
     return np.concatenate([warm, decay])
 
 
+def global_batch(batch_size: int, repeats: int, world: int, accum: int) -> tuple[int, int]:
+    """→ (clips, videos) per optimizer step. With repeated augmentation (R clips per video in the batch) the lr
+    scales and an epoch counts by videos, as VideoMAE's fine-tuning (total_batch_size = videos per step)."""
+    clips = batch_size * world * accum
+    return clips, clips // max(repeats, 1)
+
+
 def scaled_lr(blr: float, lr: float, global_batch: int) -> float:
     """The linear scaling rule: lr = blr * global_batch / 256, unless an absolute lr is given."""
     return lr if lr > 0 else blr * global_batch / 256
@@ -27,6 +34,6 @@ def build_schedules(optim, total_steps: int, steps_per_epoch: int, global_batch:
     warmup = optim.warmup_steps or int(round(optim.warmup_epochs * steps_per_epoch))
     wd_end = optim.weight_decay if optim.weight_decay_end < 0 else optim.weight_decay_end
     return {
-        "lr": cosine(peak, min_lr, total_steps, warmup),
+        "lr": cosine(peak, min_lr, total_steps, warmup, scaled_lr(optim.warmup_blr, 0.0, global_batch)),
         "wd": cosine(optim.weight_decay, wd_end, total_steps),
     }
