@@ -186,3 +186,51 @@ def test_an_unexpected_key_in_a_released_layout_is_an_error_naming_it(tmp_path):
     torch.save({"model": ck["model"]}, tmp_path / "ck.pth")
     with pytest.raises(ValueError, match="unexpected key 'teacher_proj.weight'"):
         classifier(str(tmp_path / "ck.pth"))
+
+
+# --- 7: TimeSformer (divided space-time attention) -----------------------------------------------------------------
+TIMESFORMER = ["model.name=vit_micro_divided_st", "model.img_size=64", "model.num_frames=8", "model.tubelet=1",
+               "model.patch=16", "model.embed_dim=48", "model.depth=[2]", "model.num_heads=[3]",
+               "model.attn_backend=math", "data.size=64", "data.num_frames=8", "eval.num_classes=10",
+               "model.drop_path=0.1", f"model.pretrained={REF / 'timesformer_divided/checkpoint.pyth'}"]
+
+
+def official_order(x: torch.Tensor) -> torch.Tensor:
+    """vssl_ds keeps patches in (t, s) order, TimeSformer in (s, t) order (time fastest): [CLS, patches]."""
+    from einops import rearrange
+
+    return torch.cat([x[:, :1], rearrange(x[:, 1:], "b (t s) d -> b (s t) d", t=8)], 1)
+
+
+def test_timesformer_checkpoint_loads_and_matches_block_by_block():
+    ref = expected("timesformer_divided")
+    net = build_method(load_config("finetune_vit_b", TIMESFORMER)).eval().trainable  # the .pyth, head included
+    seen = {}
+    for i, blk in enumerate(net.encoder.blocks):
+        blk.register_forward_pre_hook(lambda m, args, i=i: seen.__setitem__(f"block{i}_in", args[0]))
+        blk.register_forward_hook(lambda m, args, out, i=i: seen.__setitem__(f"block{i}_out", out))
+    with torch.no_grad():
+        close(net(ref["clip"]), ref["logits"])
+        close(net.features(ref["clip"]), ref["features"])
+    for name in ("block0_in", "block0_out", "block1_in", "block1_out"):
+        close(official_order(seen[name]), ref[name])
+
+
+def test_timesformer_block_keeps_the_temporal_residual():
+    """Block 0 with its spatial attention and MLP zeroed moves its input by the temporal residual alone."""
+    import copy
+
+    from einops import rearrange
+
+    ref = expected("timesformer_divided")
+    net = build_method(load_config("finetune_vit_b", TIMESFORMER)).eval().trainable
+    block = copy.deepcopy(net.encoder.blocks[0])
+    with torch.no_grad():
+        for name, p in block.named_parameters():
+            if name.startswith(("attn.", "mlp.")):
+                p.zero_()
+        x = ref["block0_in"]
+        ours = torch.cat([x[:, :1], rearrange(x[:, 1:], "b (s t) d -> b (t s) d", t=8)], 1)
+        out = block(ours)
+    close(official_order(out), ref["block0_temporal_only_out"])
+    assert (official_order(out) - x).abs().max() > 0.1

@@ -67,6 +67,11 @@ class ModelConfig:
     pretrained: str = ""  # local weight file (.pth/.safetensors) loaded into the encoder
     pos_embed: str = "sincos"  # sincos (VideoMAE's 1D table) | sincos3d (MVD's) | learned
     window: list[int] = field(default_factory=lambda: [8, 7, 7])  # Swin: attention window (t, h, w) in tokens
+    # sizes other than the registered variant's (custom or debug models, checkpoints of other sizes); empty/0 = the
+    # variant's. ViTs take one value for depth / num_heads, Swins one per stage.
+    embed_dim: int = 0
+    depth: list[int] = field(default_factory=list)
+    num_heads: list[int] = field(default_factory=list)
 
 
 @dataclass

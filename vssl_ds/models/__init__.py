@@ -9,6 +9,20 @@ from . import swin3d, vit, vit2d, vit_divided  # noqa: E402,F401  (register thei
 __all__ = ["create_model", "list_models", "register_model"]
 
 
+def architecture_overrides(m) -> dict:
+    """`model.embed_dim / depth / num_heads` as create_model kwargs (ViT: one value each; Swin: one per stage)."""
+    swin = m.name.startswith("swin")
+    out = {"embed_dim": m.embed_dim} if m.embed_dim else {}
+    for field_name, vit_kw, swin_kw in (("depth", "depth", "depths"), ("num_heads", "num_heads", "heads")):
+        values = list(getattr(m, field_name))
+        if not values:
+            continue
+        if not swin and len(values) != 1:
+            raise ValueError(f"model.{field_name}: a ViT takes one value, got {values}")
+        out[swin_kw if swin else vit_kw] = tuple(values) if swin else values[0]
+    return out
+
+
 def build_encoder(m, with_checkpoint: bool = False, drop: tuple[str, ...] = (), **extra):
     """The encoder a `ModelConfig` describes, with `m.pretrained` (a local file in any supported format,
     see weights.py) loaded into it. `with_checkpoint=True` → (model, Checkpoint or None): the caller loads
@@ -22,6 +36,7 @@ def build_encoder(m, with_checkpoint: bool = False, drop: tuple[str, ...] = (), 
         extra["pos_embed"] = m.pos_embed
     if m.name.startswith("swin3d") and list(m.window) != [8, 7, 7]:
         extra["window"] = tuple(m.window)
+    extra.update(architecture_overrides(m))
     model = create_model(m.name, img_size=m.img_size, num_frames=m.num_frames, tubelet=m.tubelet, patch=m.patch,
                          drop_path=m.drop_path, attn_backend=m.attn_backend, grad_ckpt=m.grad_ckpt, **extra)
     ck = None

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 FORMAT = "vssl_ds.encoder/1"
-ARCH_FIELDS = ("name", "img_size", "num_frames", "tubelet", "patch", "pos_embed", "window")
+ARCH_FIELDS = ("name", "img_size", "num_frames", "tubelet", "patch", "pos_embed", "window", "embed_dim", "depth", "num_heads")
 
 
 def info_path(weights: str | Path) -> Path:

@@ -1,6 +1,8 @@
 """TimeSformer-style video ViT with divided space-time attention (LSTCL's ViT): in each block, attention
 over time (same patch, all frames), then over space (same frame, all patches + CLS), then the MLP.
-Parameter names follow TimeSformer (`temporal_norm1`, `temporal_attn`, `temporal_fc`, `time_embed`)."""
+Parameter names follow TimeSformer (`temporal_norm1`, `temporal_attn`, `temporal_fc`, `time_embed`), so its
+released `.pyth` checkpoints load (weights.py). Tokens are kept in (t, s) order, TimeSformer's in (s, t) order:
+the same function up to that permutation (tests/test_reference.py compares them)."""
 from __future__ import annotations
 
 import torch
@@ -35,6 +37,7 @@ class DividedBlock(nn.Module):
         xt = rearrange(p, "b (t s) d -> (b s) t d", t=t)
         xt = self.temporal_fc(self.temporal_attn(self.temporal_norm1(xt)))
         p = p + self.drop_path(rearrange(xt, "(b s) t d -> b (t s) d", s=s))
+        x = torch.cat([cls, p], 1)  # the temporal update stays in the residual stream, as in TimeSformer
         xs = torch.cat([cls.repeat_interleave(t, 0), rearrange(p, "b (t s) d -> (b t) s d", t=t)], 1)  # [(B T),1+S,D]
         xs = self.attn(self.norm1(xs))
         cls_out = rearrange(xs[:, :1], "(b t) 1 d -> b t d", t=t).mean(1, keepdim=True)  # CLS averaged over frames

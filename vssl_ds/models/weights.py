@@ -14,6 +14,8 @@ names why; a key no rule matches is an error that names it. What a caller does n
   - stored fixed position tables (`pos_embed`, `pos_embed_{img,vid}`) are compared with the table the model
     computes: a different table (MVD's 3D one into a 1D model) is an error naming `model.pos_embed`;
   - attention biases `q_bias` + `v_bias` (k has none) → `qkv.bias = [q_bias, 0, v_bias]`.
+- **TimeSformer** (`.pyth`, `{"model_state": {"model.…"}}`): the `model.` prefix stripped (as the official
+  `load_pretrained`), `head.*` → part `head`, the rest (with `temporal_*`, `time_embed`) → the divided ViT.
 - **Video Swin / BEVT** (mmaction, `{"state_dict": …}`): `backbone.` prefix dropped; `cls_head.`, BEVT's
   pretraining head kept in the backbone (`lm_down*`, `fpn*`), `relative_position_index` and `attn_mask`
   buffers ignored by named rules; BEVT's `patch_embed_2d` loads when the model has an image embedding.
@@ -92,6 +94,12 @@ _VIDEOMAE_RULES = [
     (r"head\.(.*)", "head", r"\1"),
     (r"pos_embed", "table:encoder", ""),
     (r"((?:patch_embed|blocks|norm|cls_token)(?:\..*)?)", "encoder", r"\1"),
+]
+_TIMESFORMER_RULES = [  # facebookresearch/TimeSformer .pyth: {"model_state": {"model.…"}} (the registry wraps the ViT)
+    (r"module\.(.*)", "again", r"\1"),
+    (r"model\.(.*)", "again", r"\1"),
+    (r"head\.(.*)", "head", r"\1"),
+    (r"((?:cls_token|pos_embed|time_embed|patch_embed|blocks|norm)(?:\..*)?)", "encoder", r"\1"),
 ]
 _SWIN_RULES = [
     (r"module\.(.*)", "again", r"\1"),
@@ -219,6 +227,8 @@ def detect_format(sd: dict) -> str:
     patch = next((sd[k] for k in keys if k.endswith("patch_embed.proj.weight")), None)
     if any("relative_position_bias_table" in k for k in keys):
         return "video_swin" if patch is not None and patch.dim() == 5 else "swin2d"
+    if any(".temporal_attn." in k for k in keys):
+        return "timesformer"
     if any(k.endswith("attn.q_bias") for k in keys) or any(k.startswith(("encoder.", "module.encoder.")) for k in keys):
         return "videomae"
     if patch is not None and patch.dim() == 4:
@@ -237,6 +247,8 @@ def read_checkpoint(path: str | Path, model: nn.Module, mode: str = "average") -
         return _apply_rules(sd, _VIDEOMAE_RULES, path, fmt)
     if fmt == "video_swin":
         return _apply_rules(sd, _SWIN_RULES, path, fmt)
+    if fmt == "timesformer":
+        return _apply_rules(sd, _TIMESFORMER_RULES, path, fmt)
     if fmt == "swin2d" and isinstance(model, VideoSwin):
         sd = inflate_swin(sd, model, mode)
     elif fmt == "vit2d" and isinstance(model, VideoViT):
