@@ -234,3 +234,40 @@ def test_timesformer_block_keeps_the_temporal_residual():
         out = block(ours)
     close(official_order(out), ref["block0_temporal_only_out"])
     assert (official_order(out) - x).abs().max() > 0.1
+
+
+# --- 9: the DALL-E dVAE encoder (BEVT's tokenizer) ----------------------------------------------------------------
+def test_dalle_encoder_state_dict_loads_and_matches_logits_and_ids():
+    from vssl_ds.teachers.tokenizers import build_tokenizer
+
+    ref = expected("dalle_encoder")
+    tok = build_tokenizer("dalle", str(REF / "dalle_encoder/encoder_state_dict.pth"))
+    with torch.no_grad():
+        close(tok.logits(ref["image"]), ref["logits"])
+        assert torch.equal(tok(ref["image"]), ref["token_ids"].flatten(1))
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # the logits conv stays fp32 under autocast
+            assert tok.logits(ref["image"]).dtype == torch.float32
+
+
+# --- 8: Video Swin (SwinTransformer3D + I3D head), full and shrunk windows ------------------------------------------
+@pytest.mark.parametrize("clip,frames,size", [("a", 32, 56), ("b", 16, 64)])
+def test_video_swin_checkpoint_matches_every_stage_features_and_scores(clip, frames, size):
+    """mmaction's released layout (backbone.*, cls_head.fc_cls.*) through the fine-tuning path; stages 2–3 run in
+    windows shrunk below (8,7,7), where the official code slices the full window's index (`model.swin_index`)."""
+    ref = expected("swin3d_video")
+    cfg = load_config("finetune_vit_b", [
+        "model.name=swin3d_tiny", "model.embed_dim=12", "model.depth=[2,2,2,2]", "model.num_heads=[1,2,2,4]",
+        f"model.img_size={size}", f"model.num_frames={frames}", "model.tubelet=2", "model.patch=4",
+        "model.attn_backend=math", "model.drop_path=0.1", f"data.size={size}", f"data.num_frames={frames}",
+        "eval.num_classes=10", f"model.pretrained={REF / 'swin3d_video/checkpoint.pth'}"])
+    net = build_method(cfg).eval().trainable
+    seen = {}
+    for i, stage in enumerate(net.encoder.layers):
+        stage.register_forward_hook(lambda m, args, out, i=i: seen.__setitem__(i, out[0]))
+    x = ref[f"clip_{clip}"]
+    with torch.no_grad():
+        close(net.encoder(x), ref[f"{clip}_features"])
+        close(net(x), ref[f"{clip}_cls_score"])
+        close(net(x).softmax(-1), ref[f"{clip}_test_prob"])
+    for i in range(4):
+        close(seen[i], ref[f"{clip}_stage{i}"])

@@ -67,6 +67,7 @@ class ModelConfig:
     pretrained: str = ""  # local weight file (.pth/.safetensors) loaded into the encoder
     pos_embed: str = "sincos"  # sincos (VideoMAE's 1D table) | sincos3d (MVD's) | learned
     window: list[int] = field(default_factory=lambda: [8, 7, 7])  # Swin: attention window (t, h, w) in tokens
+    swin_index: str = "official"  # Swin windows shrunk to a small input: official (released checkpoints) | window
     # sizes other than the registered variant's (custom or debug models, checkpoints of other sizes); empty/0 = the
     # variant's. ViTs take one value for depth / num_heads, Swins one per stage.
     embed_dim: int = 0
@@ -242,6 +243,7 @@ CHOICES = {
     "data.decoder": ("decord", "pyav", "torchcodec"),
     "data.view": ("clip", "scale_crop", "long_short", "frame_pair", "finetune"),
     "model.attn_backend": ("auto", "xformers", "sdpa", "math"),
+    "model.swin_index": ("official", "window"),
     "method.name": ("mae", "mvd", "bevt", "lstcl", "vicmae", "iboot", "finetune", "linear", "attentive"),
     "eval.pool": ("auto", "mean", "cls"),
     "method.iboot.teacher_pool": ("cls", "mean"),

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 FORMAT = "vssl_ds.encoder/1"
-ARCH_FIELDS = ("name", "img_size", "num_frames", "tubelet", "patch", "pos_embed", "window", "embed_dim", "depth", "num_heads")
+ARCH_FIELDS = ("name", "img_size", "num_frames", "tubelet", "patch", "pos_embed", "window", "embed_dim", "depth", "num_heads",
+               "swin_index")
 
 
 def info_path(weights: str | Path) -> Path:

@@ -52,29 +52,38 @@ def shift_mask(d, h, w, window, shift, device) -> torch.Tensor:
     return m.masked_fill(m != 0, -100.0).masked_fill(m == 0, 0.0)
 
 
+@functools.lru_cache(maxsize=64)
+def relative_index(full: tuple, window: tuple, rule: str) -> torch.Tensor:
+    """Index into a relative-position table built for window `full`, for attention within `window` (smaller
+    where the input is).  # [N,N]
+    - `official`: the first N rows and columns of the full window's index, as the official Video Swin / BEVT
+      code (`relative_position_index[:N, :N]`): every released checkpoint was trained with it;
+    - `window`: the index of the smaller window itself (each pair by its own (d, h, w) offset)."""
+    coords = torch.stack(torch.meshgrid(*[torch.arange(n) for n in (full if rule == "official" else window)],
+                                        indexing="ij")).flatten(1)  # [3,M]
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + torch.tensor([w - 1 for w in full])  # [M,M,3]
+    index = rel[..., 0] * (2 * full[1] - 1) * (2 * full[2] - 1) + rel[..., 1] * (2 * full[2] - 1) + rel[..., 2]
+    n = math.prod(window)
+    return index[:n, :n]
+
+
 class WindowAttention3D(nn.Module):
-    def __init__(self, dim, window, heads, qkv_bias=True, backend="sdpa"):
+    def __init__(self, dim, window, heads, qkv_bias=True, backend="sdpa", rel_index="official"):
         super().__init__()
-        self.window, self.heads, self.backend = tuple(window), heads, backend
+        if rel_index not in ("official", "window"):
+            raise ValueError(f"model.swin_index must be 'official' or 'window', got '{rel_index}'")
+        self.window, self.heads, self.backend, self.rel_index = tuple(window), heads, backend, rel_index
         self.relative_position_bias_table = nn.Parameter(
             torch.zeros((2 * window[0] - 1) * (2 * window[1] - 1) * (2 * window[2] - 1), heads))
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def relative_index(self, window) -> torch.Tensor:
-        """Index into the table for a (possibly smaller) window, with the table's own strides.  # [N,N]"""
-        coords = torch.stack(torch.meshgrid(*[torch.arange(n) for n in window], indexing="ij")).flatten(1)  # [3,N]
-        rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)  # [N,N,3]
-        rel = rel + torch.tensor([self.window[0] - 1, self.window[1] - 1, self.window[2] - 1])
-        return rel[..., 0] * (2 * self.window[1] - 1) * (2 * self.window[2] - 1) + rel[..., 1] * (2 * self.window[2] - 1) \
-            + rel[..., 2]
-
     def forward(self, x, window, mask=None):
         """x [B*nW,N,C]; mask [nW,N,N] or None."""
         n = x.shape[1]
         q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
-        index = self.relative_index(window).to(x.device).reshape(-1)
+        index = relative_index(self.window, tuple(window), self.rel_index).to(x.device).reshape(-1)
         bias = self.relative_position_bias_table[index].reshape(n, n, -1).permute(2, 0, 1)  # [H,N,N]
         bias = bias.unsqueeze(0)
         if mask is not None:  # [nW,N,N] → per window of every sample, windows fastest (partition order)
@@ -86,11 +95,12 @@ class WindowAttention3D(nn.Module):
 
 
 class SwinBlock3D(nn.Module):
-    def __init__(self, dim, heads, window, shift, mlp_ratio=4.0, qkv_bias=True, drop_path=0.0, backend="sdpa"):
+    def __init__(self, dim, heads, window, shift, mlp_ratio=4.0, qkv_bias=True, drop_path=0.0, backend="sdpa",
+                 rel_index="official"):
         super().__init__()
         self.window, self.shift = tuple(window), tuple(shift)
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = WindowAttention3D(dim, window, heads, qkv_bias, backend)
+        self.attn = WindowAttention3D(dim, window, heads, qkv_bias, backend, rel_index)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
@@ -129,12 +139,13 @@ class PatchMerging(nn.Module):
 
 
 class SwinStage(nn.Module):
-    def __init__(self, dim, depth, heads, window, drop_paths, downsample, backend, grad_ckpt):
+    def __init__(self, dim, depth, heads, window, drop_paths, downsample, backend, grad_ckpt, rel_index="official"):
         super().__init__()
         shift = tuple(w // 2 for w in window)
         self.grad_ckpt = grad_ckpt
         self.blocks = nn.ModuleList(SwinBlock3D(dim, heads, window, (0, 0, 0) if i % 2 == 0 else shift,
-                                                drop_path=drop_paths[i], backend=backend) for i in range(depth))
+                                                drop_path=drop_paths[i], backend=backend, rel_index=rel_index)
+                                    for i in range(depth))
         self.downsample = PatchMerging(dim) if downsample else None
 
     def forward(self, x):
@@ -176,7 +187,7 @@ class SwinPatchEmbed2D(nn.Module):
 class VideoSwin(nn.Module):
     def __init__(self, img_size=224, num_frames=16, tubelet=2, patch=4, in_chans=3, embed_dim=128,
                  depths=(2, 2, 18, 2), heads=(4, 8, 16, 32), window=(8, 7, 7), drop_path=0.0, attn_backend="auto",
-                 grad_ckpt=False, mask_token=True, patch_norm=True, image_embed=False):
+                 grad_ckpt=False, mask_token=True, patch_norm=True, image_embed=False, rel_index="official"):
         super().__init__()
         self.patch_size = (tubelet, patch, patch)
         self.patch_embed = SwinPatchEmbed3D(self.patch_size, in_chans, embed_dim, patch_norm)
@@ -189,7 +200,7 @@ class VideoSwin(nn.Module):
         self.layers, start = nn.ModuleList(), 0
         for i, (depth, h) in enumerate(zip(depths, heads)):
             self.layers.append(SwinStage(embed_dim * 2 ** i, depth, h, window, rates[start:start + depth],
-                                         i < len(depths) - 1, backend, grad_ckpt))
+                                         i < len(depths) - 1, backend, grad_ckpt, rel_index))
             start += depth
         self.num_features = self.embed_dim = embed_dim * 2 ** (len(depths) - 1)
         self.stage_dims = [embed_dim * 2 ** i for i in range(len(depths))]

@@ -105,7 +105,9 @@ _SWIN_RULES = [
     (r"module\.(.*)", "again", r"\1"),
     (r"backbone\.(.*)", "again", r"\1"),
     (r".*relative_position_index|.*attn_mask", "ignore:a buffer the model computes from its window", ""),
-    (r"cls_head\.(.*)", "head", r"\1"),
+    (r"cls_head\.fc_cls\.(.*)", "head", r"\1"),  # mmaction's I3DHead: the classifier
+    (r"cls_head\.lm_head\.(.*)", "lm_head", r"\1"),  # BEVT's token classifier
+    (r"cls_head\.vae_encoder\.(.*)", "tokenizer", r"\1"),  # BEVT's head holds the DALL-E encoder
     (r"neck\..*", "ignore:an mmaction neck (not part of the encoder)", ""),
     (r"(lm_down.*|fpn.*)", "bevt_head", r"\1"),
     (r"(.*)", "encoder", r"\1"),

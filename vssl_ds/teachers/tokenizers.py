@@ -68,10 +68,16 @@ class DalleEncoder(nn.Module):
                                                              ("conv", DalleConv(width, vocab_size, 1))]))))
         self.blocks = nn.Sequential(OrderedDict(layers))
 
+    def logits(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels [B,3,H,W] in [0,1] → code logits [B,V,H/8,W/8]. Under autocast the trunk runs in low precision
+        but the 1×1 logits conv in fp32, as DALL-E keeps it (the argmax is sensitive to it)."""
+        x = self.blocks[:-1](0.8 * pixels.to(self.blocks.input.w.dtype) + 0.1)  # DALL-E's map_pixels
+        with torch.autocast(x.device.type, enabled=False):
+            return self.blocks.output(x.float())
+
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels [B,3,H,W] in [0,1] → token ids [B,(H/8)*(W/8)]"""
-        logits = self.blocks(0.8 * pixels.to(self.blocks.input.w.dtype) + 0.1)  # DALL-E's map_pixels
-        return logits.argmax(1).flatten(1)
+        return self.logits(pixels).argmax(1).flatten(1)
 
 
 class KMeansTokenizer(nn.Module):
