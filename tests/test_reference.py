@@ -271,3 +271,34 @@ def test_video_swin_checkpoint_matches_every_stage_features_and_scores(clip, fra
         close(net(x).softmax(-1), ref[f"{clip}_test_prob"])
     for i in range(4):
         close(seen[i], ref[f"{clip}_stage{i}"])
+
+
+# --- 11: ViC-MAE (two frames: MAE + contrastive) --------------------------------------------------------------------
+def test_vicmae_checkpoint_continues_and_matches_encoder_decoder_projector_and_losses():
+    ref = expected("vicmae_pretrain")
+    cfg = load_config("vicmae_vit_b", [
+        "model.name=vit2d_micro_patch16", "model.img_size=64", "model.patch=16", "model.attn_backend=math",
+        "data.size=64", "method.vicmae.decoder_dim=48", "method.vicmae.decoder_depth=2",
+        "method.vicmae.decoder_heads=3", "method.vicmae.proj_hidden=96", "method.vicmae.proj_dim=32",
+        f"model.pretrained={REF / 'vicmae_pretrain/checkpoint.pth'}"])
+    method = build_method(cfg).train()  # the official step runs in train mode (projector BN: batch statistics)
+    student = method.trainable
+    frames = torch.cat([ref["frame1"], ref["frame2"]])
+    mask = torch.cat([ref["mask1"], ref["mask2"]])
+    with torch.no_grad():
+        tokens = student.encoder(frames, mask)  # visible tokens in patch order; the official keeps ids_keep order
+        for v, (ids, out) in enumerate([(ref["ids_keep1"], ref["encoder_out1"]), (ref["ids_keep2"], ref["encoder_out2"])]):
+            order = ids.argsort(1)  # official visible tokens → patch order
+            official = torch.cat([out[:, :1], out[:, 1:].gather(1, order[..., None].expand(-1, -1, 64))], 1)
+            close(tokens[2 * v:2 * v + 2], official)
+        close(student.decoder(tokens, mask, every_token=True), torch.cat([ref["pred1"], ref["pred2"]]))
+        close(method.pixel_targets(frames), torch.cat([ref["target1"], ref["target2"]]))
+        _, z = student(frames, mask)
+        close(z, torch.cat([ref["projector_out1"], ref["projector_out2"]]))
+        fresh = build_method(cfg).train()  # the step from the checkpoint's BN statistics (two projector calls)
+        out = fresh(Batch(video=ref["frame1"][:, :, None], views={"second": ref["frame2"][:, :, None]},
+                          mask=torch.cat([ref["mask1"], ref["mask2"]], 1)))
+    close(fresh.trainable.projector[1].running_mean, ref["projector_bn1_running_mean"])
+    close(out.loss, ref["loss"])
+    close(out.metrics["loss/reconstruction"], ref["loss_recon"])
+    close(out.metrics["loss/contrastive"], ref["loss_contrast"])

@@ -50,8 +50,7 @@ def test_loss_matches_an_independent_computation():
         tokens = s.encoder(frames, mask)
         pred = s.decoder(tokens, mask)
         z = F.normalize(s.projector(tokens[:, 1:].mean(1)), dim=-1)
-        mean, std = torch.tensor(cfg.data.mean).view(1, 3, 1, 1), torch.tensor(cfg.data.std).view(1, 3, 1, 1)
-        px = frames * std + mean
+        px = frames  # the official targets are patches of the network input (ImageNet-normalised), not [0,1] pixels
         patches = px.unfold(2, 8, 8).unfold(3, 8, 8).permute(0, 2, 3, 4, 5, 1).reshape(8, 16, 192)  # (h,w) x (p,p,c)
         patches = (patches - patches.mean(-1, keepdim=True)) / (patches.var(-1, keepdim=True) + 1e-6).sqrt()
         err = ((pred - patches[mask].reshape(pred.shape)) ** 2).mean(-1)
@@ -62,6 +61,22 @@ def test_loss_matches_an_independent_computation():
     assert torch.allclose(out.metrics["loss/reconstruction"], rec, atol=1e-5)
     assert torch.allclose(out.metrics["loss/contrastive"], ctr, atol=1e-5)
     assert torch.allclose(out.loss, 0.03 * ctr + 0.97 * rec, atol=1e-5)
+
+
+def test_projector_batchnorm_sees_one_view_at_a_time():
+    """Official ViC-MAE calls the projector once per view: in train mode each BatchNorm normalises over the B
+    samples of one view (not over both views together)."""
+    _, method, batch = _setup()
+    s = method.trainable.train()
+    frames = torch.cat([batch.video[:, :, 0], batch.views["second"][:, :, 0]])
+    mask = torch.cat([batch.mask[:, :16], batch.mask[:, 16:]])
+    with torch.no_grad():
+        pooled = s.encoder(frames, mask)[:, 1:].mean(1)
+        _, z = s(frames, mask)
+        per_view = torch.cat([s.projector(pooled[:4]), s.projector(pooled[4:])])
+        joint = s.projector(pooled)
+    assert torch.allclose(z, per_view, atol=1e-6) and not torch.allclose(z, joint, atol=1e-3)
+    assert all(m.bias is not None for m in s.projector if isinstance(m, torch.nn.Linear))  # official biases
 
 
 def test_vicmae_overfits_a_fixed_batch():

@@ -12,7 +12,7 @@ from ..data.batch import Batch
 from ..engine.dist import all_gather_grad
 from ..models import build_encoder
 from ..models.heads import MaskedDecoder, mlp_head
-from .base import Method, StepOutput
+from .base import Method, StepOutput, restore_decoders
 from .losses import patchify
 
 
@@ -25,29 +25,31 @@ class ViCMAEStudent(nn.Module):
         """frames [2B,C,H,W] (view 1 then view 2), mask [2B,N] → (predictions [2B,Nm,P], embeddings [2B,E])"""
         tokens = self.encoder(frames, mask)  # [2B,1+Nv,D], final LN applied
         pooled = tokens[:, self.decoder.num_prefix:].mean(1)  # visible patch tokens only, no CLS
-        return self.decoder(tokens, mask), self.projector(pooled)
+        b = frames.shape[0] // 2  # one projector call per view: its BatchNorms see one view's statistics (official)
+        return self.decoder(tokens, mask), torch.cat([self.projector(pooled[:b]), self.projector(pooled[b:])])
 
 
 class ViCMAE(Method):
     def __init__(self, cfg: Config):
         m, c = cfg.model, cfg.method.vicmae
-        encoder = build_encoder(m)
+        encoder, ck = build_encoder(m, with_checkpoint=True)
         if encoder.patch_embed.proj.weight.dim() != 4:
             raise ValueError(f"ViC-MAE encodes frames with a 2D ViT (vit2d_*), got model.name={m.name}")
         prefix = 1 if encoder.cls_token is not None else 0
         decoder = MaskedDecoder(encoder.num_patches, encoder.embed_dim, c.decoder_dim, c.decoder_depth,
                                 c.decoder_heads, 3 * m.patch ** 2, m.attn_backend, m.grad_ckpt, grid=encoder.grid,
                                 embed_bias=True, num_prefix=prefix)
-        projector = mlp_head(encoder.embed_dim, c.proj_hidden, c.proj_dim, 3, last_bn=False)
+        projector = mlp_head(encoder.embed_dim, c.proj_hidden, c.proj_dim, 3, last_bn=False, hidden_bias=True)
+        if ck is not None:  # a ViC-MAE pretraining checkpoint continues with its decoder and projector
+            restore_decoders(ck, {"decoder": decoder, "projector": projector},
+                             "method.vicmae.decoder_* / proj_hidden / proj_dim")
         super().__init__(ViCMAEStudent(encoder, decoder, projector))
         self.cfg, self.patch = c, m.patch
-        self.register_buffer("mean", torch.tensor(cfg.data.mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(cfg.data.std).view(1, 3, 1, 1), persistent=False)
 
     def pixel_targets(self, frames: torch.Tensor) -> torch.Tensor:
-        """MAE targets: each patch's pixels normalised by the patch's own mean/var.  # [B,N,p*p*3]"""
-        pixels = (frames.float() * self.std + self.mean)[:, :, None]  # [B,C,1,H,W] in [0,1]
-        x = patchify(pixels, (1, self.patch, self.patch)).flatten(2)  # [B,N,P*C]
+        """MAE targets: each patch of the network input (the ImageNet-normalised frame, as the official
+        `mse_loss(imgs, …)`), normalised by the patch's own mean / unbiased var (eps inside the root).  # [B,N,p*p*3]"""
+        x = patchify(frames.float()[:, :, None], (1, self.patch, self.patch)).flatten(2)  # [B,N,P*C]
         if self.cfg.norm_pix_loss:
             x = (x - x.mean(-1, keepdim=True)) / (x.var(-1, keepdim=True) + 1e-6) ** 0.5
         return x

@@ -33,8 +33,9 @@ class MaskedDecoder(nn.Module):
         init_weights(self)
         nn.init.trunc_normal_(self.mask_token, std=0.02)
 
-    def forward(self, visible: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """visible [B,Nv,E], mask [B,N] → predictions for the masked tokens [B,Nm,out_dim]."""
+    def forward(self, visible: torch.Tensor, mask: torch.Tensor, every_token: bool = False) -> torch.Tensor:
+        """visible [B,Nv,E], mask [B,N] → predictions for the masked tokens [B,Nm,out_dim] in mask order, or with
+        `every_token` for all tokens in token order [B,N,out_dim] (MAE's decoder output)."""
         b, s = visible.shape[0], self.num_prefix
         x = self.embed(visible)  # [B,s+Nv,D]
         pos = self.pos_embed.to(x.dtype).expand(b, -1, -1)  # [B,N,D]
@@ -42,18 +43,23 @@ class MaskedDecoder(nn.Module):
         pos_mask = pos[mask].reshape(b, -1, x.shape[-1])
         x = torch.cat([x[:, :s], x[:, s:] + pos_vis, self.mask_token.to(x.dtype) + pos_mask], dim=1)  # [B,s+N,D]
         x = run_blocks(self.blocks, x, self.grad_ckpt, self.training)
+        if every_token:  # tokens sit as [prefix, visible…, masked…]: put them back in token order
+            order = torch.cat([(~mask).nonzero()[:, 1].view(b, -1), mask.nonzero()[:, 1].view(b, -1)], 1)  # [B,N]
+            x = torch.empty_like(x[:, s:]).scatter_(1, order[..., None].expand(-1, -1, x.shape[-1]), x[:, s:])
+            return self.head(self.norm(x))  # [B,N,out_dim]
         num_masked = pos_mask.shape[1]
         return self.head(self.norm(x[:, -num_masked:]))  # [B,Nm,out_dim]
 
 
 def mlp_head(in_dim: int, hidden: int, out_dim: int, layers: int, last_bn: bool = True,
-             last_affine: bool = False) -> nn.Sequential:
+             last_affine: bool = False, hidden_bias: bool = False) -> nn.Sequential:
     """MoCo v3 / BYOL / SimSiam projector and predictor: (Linear → BN → ReLU) × (layers−1) → Linear
-    [→ BN, without affine parameters for MoCo v3's projector]."""
+    [→ BN, without affine parameters for MoCo v3's projector]. `hidden_bias`: the hidden Linears keep a bias
+    (ViC-MAE's projector)."""
     mods: list[nn.Module] = []
     dim = in_dim
     for _ in range(layers - 1):
-        mods += [nn.Linear(dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
+        mods += [nn.Linear(dim, hidden, bias=hidden_bias), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
         dim = hidden
     mods.append(nn.Linear(dim, out_dim, bias=not last_bn))
     if last_bn:

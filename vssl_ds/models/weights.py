@@ -16,6 +16,9 @@ names why; a key no rule matches is an error that names it. What a caller does n
   - attention biases `q_bias` + `v_bias` (k has none) → `qkv.bias = [q_bias, 0, v_bias]`.
 - **TimeSformer** (`.pyth`, `{"model_state": {"model.…"}}`): the `model.` prefix stripped (as the official
   `load_pretrained`), `head.*` → part `head`, the rest (with `temporal_*`, `time_embed`) → the divided ViT.
+- **MAE-style pretraining** (ViC-MAE / MAE `{"model": …}`): `decoder_embed / decoder_blocks / decoder_norm /
+  decoder_pred / mask_token` → part `decoder` (its `decoder_pos_embed` checked), `projector.*` → part
+  `projector`, the rest → the 2D ViT encoder.
 - **Video Swin / BEVT** (mmaction, `{"state_dict": …}`): `backbone.` prefix dropped; `cls_head.`, BEVT's
   pretraining head kept in the backbone (`lm_down*`, `fpn*`), `relative_position_index` and `attn_mask`
   buffers ignored by named rules; BEVT's `patch_embed_2d` loads when the model has an image embedding.
@@ -100,6 +103,19 @@ _TIMESFORMER_RULES = [  # facebookresearch/TimeSformer .pyth: {"model_state": {"
     (r"model\.(.*)", "again", r"\1"),
     (r"head\.(.*)", "head", r"\1"),
     (r"((?:cls_token|pos_embed|time_embed|patch_embed|blocks|norm)(?:\..*)?)", "encoder", r"\1"),
+]
+_MAE_RULES = [  # MAE-style pretraining (ViC-MAE, MAE): {"model": encoder, decoder_*, mask_token[, projector]}
+    (r"module\.(.*)", "again", r"\1"),
+    (r"mask_token", "decoder", "mask_token"),
+    (r"decoder_pos_embed", "table:decoder", ""),
+    (r"decoder_embed\.(.*)", "decoder", r"embed.\1"),
+    (r"decoder_blocks\.(.*)", "decoder", r"blocks.\1"),
+    (r"decoder_norm\.(.*)", "decoder", r"norm.\1"),
+    (r"decoder_pred\.(.*)", "decoder", r"head.\1"),
+    (r"projector\.(.*)", "projector", r"\1"),
+    (r"(fc_norm|head)\.(.*)", r"\1", r"\2"),
+    (r"pos_embed", "table:encoder", ""),
+    (r"((?:cls_token|patch_embed|blocks|norm)(?:\..*)?)", "encoder", r"\1"),
 ]
 _SWIN_RULES = [
     (r"module\.(.*)", "again", r"\1"),
@@ -231,6 +247,8 @@ def detect_format(sd: dict) -> str:
         return "video_swin" if patch is not None and patch.dim() == 5 else "swin2d"
     if any(".temporal_attn." in k for k in keys):
         return "timesformer"
+    if any(k.startswith(("decoder_blocks.", "decoder_embed.")) for k in keys):
+        return "mae"
     if any(k.endswith("attn.q_bias") for k in keys) or any(k.startswith(("encoder.", "module.encoder.")) for k in keys):
         return "videomae"
     if patch is not None and patch.dim() == 4:
@@ -251,6 +269,8 @@ def read_checkpoint(path: str | Path, model: nn.Module, mode: str = "average") -
         return _apply_rules(sd, _SWIN_RULES, path, fmt)
     if fmt == "timesformer":
         return _apply_rules(sd, _TIMESFORMER_RULES, path, fmt)
+    if fmt == "mae":
+        return _apply_rules(sd, _MAE_RULES, path, fmt)
     if fmt == "swin2d" and isinstance(model, VideoSwin):
         sd = inflate_swin(sd, model, mode)
     elif fmt == "vit2d" and isinstance(model, VideoViT):
@@ -278,6 +298,8 @@ def table_kind(table: torch.Tensor, grid: tuple, dim: int) -> str:
 def check_table(stored: torch.Tensor, module: nn.Module, what: str, field_name: str) -> None:
     """A fixed table stored in a file must be the one `module` computes (else the file was trained with another)."""
     own = module.pos_embed
+    if stored.shape[1] == own.shape[1] + 1 and not stored[:, 0].any():
+        stored = stored[:, 1:]  # MAE's tables carry a zero row for the CLS token, which gets no position here
     if own.shape == stored.shape and torch.allclose(own.float(), stored.float(), atol=1e-5):
         return
     grid = getattr(module, "grid", (own.shape[1],))
