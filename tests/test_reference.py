@@ -302,3 +302,70 @@ def test_vicmae_checkpoint_continues_and_matches_encoder_decoder_projector_and_l
     close(out.loss, ref["loss"])
     close(out.metrics["loss/reconstruction"], ref["loss_recon"])
     close(out.metrics["loss/contrastive"], ref["loss_contrast"])
+
+
+# --- 10: BEVT (video + image streams, tokenizer targets) and the 2D → BEVT inflation ---------------------------------
+BEVT_TOY = ["model.name=swin3d_tiny", "model.embed_dim=8", "model.depth=[2,2,2,2]", "model.num_heads=[1,1,2,4]",
+        "model.img_size=224", "model.num_frames=4", "model.tubelet=2", "model.patch=4", "model.attn_backend=math",
+        "model.drop_path=0.0", "data.size=224", "data.num_frames=4", "method.bevt.tokenizer=dalle",
+        "method.bevt.tokenizer_weights="]
+IMAGENET_255 = (torch.tensor([123.675, 116.28, 103.53]), torch.tensor([58.395, 57.12, 57.375]))
+
+
+def mmaction_normalize(pixels: torch.Tensor) -> torch.Tensor:
+    """mmaction's Normalize on 0..255 values, channel axis 1."""
+    shape = (1, 3) + (1,) * (pixels.dim() - 2)
+    return (pixels.float() - IMAGENET_255[0].view(shape)) / IMAGENET_255[1].view(shape)
+
+
+def test_bevt_checkpoint_continues_with_its_head_and_tokenizer_and_matches_both_streams():
+    from vssl_ds.methods.bevt import BEVT
+
+    ref = expected("bevt_pretrain")
+    cfg = load_config("bevt_swin_b", [*BEVT_TOY, f"model.pretrained={REF / 'bevt_pretrain/checkpoint.pth'}"])
+    method = BEVT(cfg).eval()  # the tokenizer comes from the checkpoint's head (cls_head.vae_encoder)
+    s = method.trainable
+    video, image = mmaction_normalize(ref["video_pixels"]), mmaction_normalize(ref["image_pixels"])
+    vmask, imask = ref["video_input_mask"].flatten(1), ref["image_mask"].flatten(1)
+    with torch.no_grad():
+        close(s.video_features(video, vmask), ref["video_features"])
+        close(s.image_features(image, imask), ref["image_features"])
+        close(s.image_features(image), ref["image_features_unmasked"])
+        half = lambda p: p[..., ::2, ::2].float() / 255  # noqa: E731 - the data card's stand-in for the 112² copy
+        ids_vid = method.frozen(half(rearrange_frames(ref["video_pixels"])))
+        assert torch.equal(ids_vid.reshape(1, 4, 196), ref["tokenizer_ids_video"])
+        assert torch.equal(method.frozen(half(ref["image_pixels"])), ref["tokenizer_ids_image"])
+        out = method(Batch(video=video, mask=vmask, image=image, image_mask=imask))
+        logits_vid, logits_img = s(video, vmask, image, imask)
+    omask = ref["video_output_mask"].flatten(1)
+    close(logits_vid[omask], ref["video_masked_logits"])
+    close(logits_img[imask], ref["image_masked_logits"])
+    close(out.metrics["loss/video_tokens"], ref["loss_cls_3d"])
+    close(out.metrics["loss/image_tokens"], ref["loss_cls_2d"])
+    close(out.loss, ref["loss"])
+    close(out.metrics["acc/video_tokens"], ref["mask_acc_3d"] / 100)
+    close(out.metrics["acc/image_tokens"], ref["mask_acc_2d"] / 100)
+
+
+def rearrange_frames(video: torch.Tensor) -> torch.Tensor:
+    from einops import rearrange
+
+    return rearrange(video, "b c t h w -> (b t) c h w")
+
+
+def test_a_2d_swin_inflates_into_bevt_as_the_official_inflate_weights():
+    """The image-stage 2D Swin starts BEVT: kernel averaged over time, 2D kernel kept for the image stream,
+    relative-position tables repeated over the temporal offsets."""
+    from vssl_ds.methods.bevt import BEVT
+
+    ref = expected("bevt_pretrain")
+    cfg = load_config("bevt_swin_b", [*BEVT_TOY, f"model.pretrained={REF / 'bevt_pretrain/swin2d_for_inflation.pth'}",
+                                      f"method.bevt.tokenizer_weights={REF / 'dalle_encoder/encoder_state_dict.pth'}"])
+    enc = BEVT(cfg).eval().trainable.encoder
+    close(enc.patch_embed.proj.weight, ref["inflated_patch_embed_weight"])
+    close(enc.layers[0].blocks[0].attn.relative_position_bias_table, ref["inflated_rpb_table_l0b0"])
+    with torch.no_grad():
+        image_stage3 = enc(mmaction_normalize(ref["image_pixels"]), stages=True)[3]  # [B,C,1,H,W]
+        video_stage3 = enc(mmaction_normalize(ref["video_pixels"]), stages=True)[3]
+    close(image_stage3[:, :, 0], ref["inflated_image_stage3"])
+    close(video_stage3, ref["inflated_video_stage3"])

@@ -68,6 +68,7 @@ class ModelConfig:
     pos_embed: str = "sincos"  # sincos (VideoMAE's 1D table) | sincos3d (MVD's) | learned
     window: list[int] = field(default_factory=lambda: [8, 7, 7])  # Swin: attention window (t, h, w) in tokens
     swin_index: str = "official"  # Swin windows shrunk to a small input: official (released checkpoints) | window
+    swin_image_path: str = "auto"  # BEVT images: official 2D path | video (1-frame clip) | auto (official at 224 px)
     # sizes other than the registered variant's (custom or debug models, checkpoints of other sizes); empty/0 = the
     # variant's. ViTs take one value for depth / num_heads, Swins one per stage.
     embed_dim: int = 0
@@ -244,6 +245,7 @@ CHOICES = {
     "data.view": ("clip", "scale_crop", "long_short", "frame_pair", "finetune"),
     "model.attn_backend": ("auto", "xformers", "sdpa", "math"),
     "model.swin_index": ("official", "window"),
+    "model.swin_image_path": ("auto", "official", "video"),
     "method.name": ("mae", "mvd", "bevt", "lstcl", "vicmae", "iboot", "finetune", "linear", "attentive"),
     "eval.pool": ("auto", "mean", "cls"),
     "method.iboot.teacher_pool": ("cls", "mean"),

@@ -79,7 +79,7 @@ class Method(nn.Module, abc.ABC):
         ]
 
 
-def restore_decoders(ck, decoders: dict[str, nn.Module], fields: str) -> None:
+def restore_decoders(ck, decoders: dict[str, nn.Module], fields: str, used: tuple[str, ...] = ()) -> None:
     """Continued pretraining: load each decoder `ck` (a models.weights.Checkpoint) holds; report the rest."""
     from ..models.weights import load_part, report_unused
 
@@ -87,4 +87,4 @@ def restore_decoders(ck, decoders: dict[str, nn.Module], fields: str) -> None:
     for part, module in decoders.items():
         if load_part(module, ck, part, fields):
             log.info("%s restored from %s: pretraining continues from its weights", part, ck.path)
-    report_unused(ck, used=tuple(decoders), who="pretraining")
+    report_unused(ck, used=tuple(decoders) + used, who="pretraining")

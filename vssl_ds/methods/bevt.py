@@ -15,8 +15,8 @@ from ..config.schema import Config
 from ..data.batch import Batch
 from ..models import build_encoder
 from ..teachers.cache import bevt_fingerprint, check_fingerprint, load_manifest
-from ..teachers.tokenizers import build_tokenizer
-from .base import Method, StepOutput
+from ..teachers.tokenizers import build_tokenizer, tokenizer_from_state
+from .base import Method, StepOutput, restore_decoders
 
 
 class BEVTStudent(nn.Module):
@@ -34,17 +34,23 @@ class BEVTStudent(nn.Module):
         nn.init.trunc_normal_(self.lm_head.weight, std=0.02)
         nn.init.zeros_(self.lm_head.bias)
 
-    def forward(self, video, mask, image, image_mask):
-        """→ logits per cell: video [B,T*h*w,V] (T = input frames), image [Bi,h*w,V]"""
+    def video_features(self, video, mask=None):
+        """→ per-cell features after the final norm [B,T*h*w,C4] (T = input frames)."""
         *_, x3, x4 = self.encoder(video, mask, stages=True)  # [B,C3,T',h,w], [B,C4,T',h/2,w/2]
         x = torch.cat([x3, self.fpn_s(x4)], 1)  # [B,C3+C4,T',h,w]
         x = self.lm_down_st(rearrange(x, "b c t h w -> b t h w c"))
         x = self.fpn_t(rearrange(x, "b t h w c -> b c t h w"))  # [B,C4,2T',h,w]
-        vid = self.lm_head(self.encoder.norm(rearrange(x, "b c t h w -> b (t h w) c")))
-        *_, y3, y4 = self.encoder(image, image_mask, stages=True)  # [Bi,C3,1,h,w], [Bi,C4,1,h/2,w/2]
+        return self.encoder.norm(rearrange(x, "b c t h w -> b (t h w) c"))
+
+    def image_features(self, image, mask=None):
+        """→ per-cell features after the final norm [Bi,h*w,C4]."""
+        *_, y3, y4 = self.encoder(image, mask, stages=True)  # [Bi,C3,1,h,w], [Bi,C4,1,h/2,w/2]
         y = torch.cat([y3[:, :, 0], self.fpn(y4[:, :, 0])], 1)  # [Bi,C3+C4,h,w]
-        img = self.lm_head(self.encoder.norm(self.lm_down(rearrange(y, "b c h w -> b (h w) c"))))
-        return vid, img
+        return self.encoder.norm(self.lm_down(rearrange(y, "b c h w -> b (h w) c")))
+
+    def forward(self, video, mask, image, image_mask):
+        """→ logits per cell: video [B,T*h*w,V] (T = input frames), image [Bi,h*w,V]"""
+        return self.lm_head(self.video_features(video, mask)), self.lm_head(self.image_features(image, image_mask))
 
 
 class BEVT(Method):
@@ -56,11 +62,20 @@ class BEVT(Method):
             manifest = load_manifest(cfg.data.targets)
             check_fingerprint(manifest, bevt_fingerprint(cfg), cfg.data.targets)
             tokenizer, vocab = None, int(manifest["vocab"])
-        else:
-            tokenizer = build_tokenizer(c.tokenizer, c.tokenizer_weights)
+        encoder, ck = build_encoder(m, with_checkpoint=True, image_embed=True)
+        if c.targets != "cache":
+            if not c.tokenizer_weights and ck is not None and "tokenizer" in ck.parts:  # BEVT's file holds its dVAE
+                tokenizer = tokenizer_from_state(c.tokenizer, ck.parts["tokenizer"], f"{ck.path} (cls_head.vae_encoder)")
+            else:
+                tokenizer = build_tokenizer(c.tokenizer, c.tokenizer_weights)
             vocab = tokenizer.vocab_size
-        encoder = build_encoder(m, image_embed=True)
-        super().__init__(BEVTStudent(encoder, vocab), tokenizer)
+        student = BEVTStudent(encoder, vocab)
+        if ck is not None:  # a BEVT pretraining checkpoint continues with its head (lm_down*, fpn*, lm_head)
+            head = nn.ModuleDict({k: getattr(student, k) for k in ("fpn_s", "lm_down_st", "fpn_t", "fpn", "lm_down")})
+            restore_decoders(ck, {"bevt_head": head, "lm_head": student.lm_head},
+                             "method.bevt (vocabulary) and model.* sizes",
+                             used=("tokenizer",) if not c.tokenizer_weights and c.targets != "cache" else ())
+        super().__init__(student, tokenizer)
         self.cfg, self.tok_size = c, m.img_size // 2  # the tokenizer sees a half-size copy (112² for 224²)
         self.register_buffer("mean", torch.tensor(cfg.data.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(cfg.data.std).view(1, 3, 1, 1), persistent=False)

@@ -38,6 +38,8 @@ def build_encoder(m, with_checkpoint: bool = False, drop: tuple[str, ...] = (), 
         extra["window"] = tuple(m.window)
     if m.name.startswith("swin3d") and m.swin_index != "official":
         extra["rel_index"] = m.swin_index
+    if m.name.startswith("swin3d") and m.swin_image_path != "auto":
+        extra["image_path"] = m.swin_image_path
     extra.update(architecture_overrides(m))
     model = create_model(m.name, img_size=m.img_size, num_frames=m.num_frames, tubelet=m.tubelet, patch=m.patch,
                          drop_path=m.drop_path, attn_backend=m.attn_backend, grad_ckpt=m.grad_ckpt, **extra)

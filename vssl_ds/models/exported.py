@@ -18,7 +18,7 @@ import torch
 
 FORMAT = "vssl_ds.encoder/1"
 ARCH_FIELDS = ("name", "img_size", "num_frames", "tubelet", "patch", "pos_embed", "window", "embed_dim", "depth", "num_heads",
-               "swin_index")
+               "swin_index", "swin_image_path")
 
 
 def info_path(weights: str | Path) -> Path:

@@ -105,18 +105,28 @@ class SwinBlock3D(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
 
-    def forward(self, x):
-        """x [B,D,H,W,C]"""
+    def forward(self, x, image_2d: bool = False):
+        """x [B,D,H,W,C]. `image_2d`: BEVT's official image path (one frame): the spatial window is never shrunk
+        or padded, odd blocks roll at every stage, and every block — unshifted ones too — takes the shifted-window
+        mask as its attention mask (a quirk of the official code that its checkpoints were trained with)."""
         b, d, h, w, c = x.shape
-        window, shift = fit_window((d, h, w), self.window, self.shift)
+        if image_2d:
+            window, shift = (1, *self.window[1:]), (0, *self.shift[1:])
+            if h % window[1] or w % window[2]:
+                raise ValueError(f"BEVT's official image path needs every stage's grid to be a multiple of the "
+                                 f"window {window[1:]}, got {h}x{w}: set model.swin_image_path=video (or a size "
+                                 f"such as 224)")
+            mask = shift_mask(d, h, w, window, (0, window[1] // 2, window[2] // 2), x.device)
+        else:
+            window, shift = fit_window((d, h, w), self.window, self.shift)
+            mask = None
         y = self.norm1(x)
         pad = [(-n) % win for n, win in zip((d, h, w), window)]
         y = F.pad(y, (0, 0, 0, pad[2], 0, pad[1], 0, pad[0]))
         dp, hp, wp = d + pad[0], h + pad[1], w + pad[2]
-        mask = None
         if any(shift):
             y = torch.roll(y, shifts=tuple(-s for s in shift), dims=(1, 2, 3))
-            mask = shift_mask(dp, hp, wp, window, shift, y.device)
+            mask = mask if image_2d else shift_mask(dp, hp, wp, window, shift, y.device)
         y = reverse(self.attn(partition(y, window), window, mask), window, b, dp, hp, wp)
         if any(shift):
             y = torch.roll(y, shifts=shift, dims=(1, 2, 3))
@@ -148,12 +158,13 @@ class SwinStage(nn.Module):
                                     for i in range(depth))
         self.downsample = PatchMerging(dim) if downsample else None
 
-    def forward(self, x):
+    def forward(self, x, image_2d: bool = False):
         """[B,D,H,W,C] → (this stage's output, the input of the next stage)"""
         from torch.utils.checkpoint import checkpoint
 
         for blk in self.blocks:
-            x = checkpoint(blk, x, use_reentrant=False) if self.grad_ckpt and self.training else blk(x)
+            x = checkpoint(blk, x, image_2d, use_reentrant=False) if self.grad_ckpt and self.training else \
+                blk(x, image_2d)
         return x, (self.downsample(x) if self.downsample is not None else x)
 
 
@@ -187,8 +198,12 @@ class SwinPatchEmbed2D(nn.Module):
 class VideoSwin(nn.Module):
     def __init__(self, img_size=224, num_frames=16, tubelet=2, patch=4, in_chans=3, embed_dim=128,
                  depths=(2, 2, 18, 2), heads=(4, 8, 16, 32), window=(8, 7, 7), drop_path=0.0, attn_backend="auto",
-                 grad_ckpt=False, mask_token=True, patch_norm=True, image_embed=False, rel_index="official"):
+                 grad_ckpt=False, mask_token=True, patch_norm=True, image_embed=False, rel_index="official",
+                 image_path="auto"):
         super().__init__()
+        if image_path not in ("auto", "official", "video"):
+            raise ValueError(f"model.swin_image_path must be auto | official | video, got '{image_path}'")
+        self.image_path, self.window = image_path, tuple(window)
         self.patch_size = (tubelet, patch, patch)
         self.patch_embed = SwinPatchEmbed3D(self.patch_size, in_chans, embed_dim, patch_norm)
         self.patch_embed_2d = SwinPatchEmbed2D(patch, in_chans, embed_dim, patch_norm) if image_embed else None
@@ -224,13 +239,23 @@ class VideoSwin(nn.Module):
             if self.mask_token is None:
                 raise ValueError("this Swin was built with mask_token=False")
             x = torch.where(self._upsample_mask(mask, x.shape[1:4]).unsqueeze(-1), self.mask_token.to(x.dtype), x)
+        image_2d = video.dim() == 4 and self._official_image_path(x.shape[2:4])
         outs = []
         for layer in self.layers:
-            out, x = layer(x)
+            out, x = layer(x, image_2d)
             outs.append(out)
         if stages:
             return [o.permute(0, 4, 1, 2, 3).contiguous() for o in outs]
         return self.norm(outs[-1]).permute(0, 4, 1, 2, 3).contiguous()
+
+    def _official_image_path(self, grid) -> bool:
+        """Images take BEVT's official 2D path (`official`), run as one-frame clips (`video`), or (`auto`) the
+        official path wherever it can run: every stage's grid a multiple of the spatial window (224 px)."""
+        if self.image_path != "auto":
+            return self.image_path == "official"
+        h, w = grid
+        sizes = [(math.ceil(h / 2 ** i), math.ceil(w / 2 ** i)) for i in range(len(self.layers))]
+        return all(a % self.window[1] == 0 and b % self.window[2] == 0 for a, b in sizes)
 
     @staticmethod
     def _upsample_mask(mask, grid):

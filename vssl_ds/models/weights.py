@@ -125,7 +125,10 @@ _SWIN_RULES = [
     (r"cls_head\.lm_head\.(.*)", "lm_head", r"\1"),  # BEVT's token classifier
     (r"cls_head\.vae_encoder\.(.*)", "tokenizer", r"\1"),  # BEVT's head holds the DALL-E encoder
     (r"neck\..*", "ignore:an mmaction neck (not part of the encoder)", ""),
-    (r"(lm_down.*|fpn.*)", "bevt_head", r"\1"),
+    (r"encoder\.(.*)", "again", r"\1"),  # vssl_ds's own BEVT runs (encoder.*, fpn_s.*, lm_head.*)
+    (r"(fpn|fpn_s|fpn_t|lm_down_st)\.0\.(.*)", "bevt_head", r"\1.\2"),  # BEVT's head inside the backbone
+    (r"((?:fpn|fpn_s|fpn_t|lm_down_st|lm_down)\.(?:weight|bias))", "bevt_head", r"\1"),
+    (r"lm_head\.(.*)", "lm_head", r"\1"),
     (r"(.*)", "encoder", r"\1"),
 ]
 
@@ -205,9 +208,16 @@ def inflate_vit(sd2d: dict, model: nn.Module, mode: str = "average") -> dict:
 
 
 def inflate_swin(sd2d: dict, model: nn.Module, mode: str = "average") -> dict:
-    """Swin 2D state dict (official layout or timm ≥ 0.9) → keys and shapes of `model` (a VideoSwin)."""
+    """Swin 2D state dict (official layout or timm ≥ 0.9) → keys and shapes of `model` (a VideoSwin). As BEVT's
+    `inflate_weights`: `module.` / `backbone.` / `encoder.` prefixes stripped, `fc_norm` → `norm`, and a model with
+    an image patch embedding (BEVT) keeps the 2D kernel there as it is."""
+    sd2d = {re.sub(r"^(module\.|backbone\.|encoder\.)+", "", k): v for k, v in sd2d.items()}
+    sd2d = {("norm." + k[len("fc_norm."):] if k.startswith("fc_norm.") else k): v for k, v in sd2d.items()}
     timm_layout = not any(k.startswith("layers.0.downsample") for k in sd2d)
     out = {}
+    if getattr(model, "patch_embed_2d", None) is not None:
+        out.update({k.replace("patch_embed.", "patch_embed_2d.", 1): v for k, v in sd2d.items()
+                    if k.startswith("patch_embed.")})
     for k, v in sd2d.items():
         if k.startswith(("head", "norm_pre")) or k.endswith(("relative_position_index", "attn_mask")):
             continue

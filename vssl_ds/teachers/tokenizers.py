@@ -134,7 +134,11 @@ def build_tokenizer(kind: str, weights: str) -> nn.Module:
     if not weights or not path.is_file():
         raise FileNotFoundError(f"tokenizer weights '{weights}' do not exist: export the DALL-E encoder to a state "
                                 "dict, or fit one with tools/fit_tokenizer.py (method.bevt.tokenizer_weights)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    return tokenizer_from_state(kind, torch.load(path, map_location="cpu", weights_only=True), str(path))
+
+
+def tokenizer_from_state(kind: str, state: dict, path: str) -> nn.Module:
+    """A frozen tokenizer from its state dict (a file's, or the one a BEVT checkpoint holds in its head)."""
     if kind == "dalle":
         if "blocks.input.w" not in state:
             raise ValueError(f"'{path}' is not a DALL-E encoder state dict (no 'blocks.input.w')")
