@@ -133,3 +133,12 @@ def test_bevt_runs_with_two_deepspeed_ranks(shards, image_shards, kmeans_file, t
             "engine.grad_accum=1", f"data.train={shards}", f"run.out_dir={tmp_path}", "run.name=bevt"]
     launch(["--config", "bevt_swin_b", *overrides(*sets)])
     check_run(tmp_path / "bevt", ("train/loss", "loss/video_tokens", "loss/image_tokens"), points=3)
+
+
+def test_recipe_batch_per_update_is_the_official_one():
+    """Official BEVT: 8 videos + 64 images per GPU per optimizer update, split over update_interval 2."""
+    from vssl_ds.config.loader import load_config
+
+    cfg = load_config("bevt_swin_b")
+    accum = cfg.engine.grad_accum
+    assert (cfg.data.batch_size * accum, cfg.data.image_batch_size * accum, accum) == (8, 64, 2)

@@ -25,9 +25,12 @@ def _batch():
     return Batch(video=torch.randn(4, 3, 4, 32, 32, generator=g), views={"long": torch.randn(4, 3, 4, 32, 32, generator=g)})
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize("fw", FRAMEWORKS)
-def test_loss_matches_an_independent_computation(fw):
-    method = _method(fw).eval()
+def test_loss_matches_an_independent_computation(fw, symmetric):
+    """symmetric=false (the default) is LSTCL's direction alone: the short clip's online prediction against the
+    long clip's target; symmetric=true adds long → short."""
+    method = _method(fw, f"method.lstcl.symmetric={str(symmetric).lower()}").eval()
     batch = _batch()
     short, long = batch.video, batch.views["long"]
     with torch.no_grad():
@@ -42,12 +45,28 @@ def test_loss_matches_an_independent_computation(fw):
         def ctr(q, k, tau=0.2):
             logits = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).t() / tau
             return 2 * tau * F.cross_entropy(logits, torch.arange(len(q)))
-        expect = ctr(p_s, t_l) + ctr(p_l, t_s)
+        expect = ctr(p_s, t_l) + (ctr(p_l, t_s) if symmetric else 0)
     elif fw == "byol":
-        expect = ((2 - 2 * F.cosine_similarity(p_s, t_l)).mean() + (2 - 2 * F.cosine_similarity(p_l, t_s)).mean()) / 2
+        terms = [(2 - 2 * F.cosine_similarity(p_s, t_l)).mean(), (2 - 2 * F.cosine_similarity(p_l, t_s)).mean()]
+        expect = sum(terms) / 2 if symmetric else terms[0]
     else:
-        expect = (-F.cosine_similarity(p_s, t_l).mean() - F.cosine_similarity(p_l, t_s).mean()) / 2
+        terms = [-F.cosine_similarity(p_s, t_l).mean(), -F.cosine_similarity(p_l, t_s).mean()]
+        expect = sum(terms) / 2 if symmetric else terms[0]
     assert torch.allclose(out.loss, expect, atol=1e-5), (out.loss, expect)
+
+
+@pytest.mark.parametrize("fw", FRAMEWORKS)
+def test_heads_end_as_the_frameworks_do(fw):
+    """MoCo v3: projector and predictor (_build_mlp) end in Linear without bias → BN(affine=False); SimSiam: the
+    projector ends in BN(affine=False), the predictor in a Linear with bias; BYOL: both end in a Linear."""
+    online = _method(fw).trainable
+    proj, pred = online.embed.projector, online.predictor
+    ends_in_plain_bn = lambda head: (isinstance(head[-1], torch.nn.BatchNorm1d) and not head[-1].affine  # noqa: E731
+                                     and head[-2].bias is None)
+    assert ends_in_plain_bn(proj) == (fw != "byol")
+    assert ends_in_plain_bn(pred) == (fw == "mocov3")
+    if fw != "mocov3":
+        assert isinstance(pred[-1], torch.nn.Linear) and pred[-1].bias is not None
 
 
 def test_momentum_target_follows_the_online_encoder():

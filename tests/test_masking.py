@@ -60,6 +60,9 @@ def test_long_short_and_frame_pair_samplers():
     rng = np.random.default_rng(0)
     short, long = long_short_pair(300, 8, 2, 8, rng)
     assert len(short) == len(long) == 8 and np.all(np.diff(short) == 2) and np.all(np.diff(long) == 8)
+    for _ in range(50):  # the short clip lies inside the long clip's span
+        short, long = long_short_pair(300, 8, 2, 8, rng)
+        assert long[0] <= short[0] and short[-1] <= long[-1]
     for _ in range(50):
         a, b = frame_pair(100, 10, rng)
         assert 0 <= a <= b < 100 and b - a <= 10

@@ -130,7 +130,7 @@ class LSTCLConfig:
     pred_hidden: int = 4096  # SimSiam: 512 (bottleneck)
     temperature: float = 0.2  # MoCo v3
     momentum: float = 0.99  # EMA start, cosine to 1 (MoCo v3 0.99, BYOL 0.996); unused by SimSiam
-    symmetric: bool = True  # add the term with the roles of the two clips swapped
+    symmetric: bool = False  # the paper's direction only (short → online, long → target); true adds long → short
 
 
 @dataclass

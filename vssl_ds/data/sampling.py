@@ -37,9 +37,15 @@ def multi_clip(num_video_frames: int, num: int, stride: int, repeats: int, rng: 
 def long_short_pair(num_video_frames: int, num: int, short_stride: int, long_stride: int,
                     rng: np.random.Generator, policy: str = "loop") -> tuple[np.ndarray, np.ndarray]:
     """LSTCL: a short clip and a long clip of the same frame count; the long one spans `long_stride/short_stride`
-    times more time. Each gets its own random start. → (short [num], long [num])"""
-    return (strided_clip(num_video_frames, num, short_stride, rng, policy),
-            strided_clip(num_video_frames, num, long_stride, rng, policy))
+    times more time and the short one lies inside it (the long clip is the short clip's wider temporal context;
+    reconstructed, LSTCL has no public code). A video shorter than the long span: each clip on its own.
+    → (short [num], long [num])"""
+    long = strided_clip(num_video_frames, num, long_stride, rng, policy)
+    long_span, short_span = (num - 1) * long_stride + 1, (num - 1) * short_stride + 1
+    if num_video_frames < long_span or short_span > long_span:
+        return strided_clip(num_video_frames, num, short_stride, rng, policy), long
+    start = int(long[0]) + int(rng.integers(0, long_span - short_span + 1))
+    return start + short_stride * np.arange(num), long
 
 
 def frame_pair(num_video_frames: int, max_gap: int, rng: np.random.Generator) -> np.ndarray:

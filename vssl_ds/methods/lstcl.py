@@ -51,9 +51,12 @@ class LSTCL(Method):
         backbone = build_encoder(cfg.model)
         width = getattr(backbone, "num_features", None) or backbone.embed_dim
         last_bn = c.framework != "byol"  # BYOL's projector ends in a plain Linear
-        embed = Embed(backbone, mlp_head(width, c.proj_hidden, c.proj_dim, c.proj_layers, last_bn,
-                                         last_affine=c.framework == "simsiam"))
-        predictor = mlp_head(c.proj_dim, c.pred_hidden, c.proj_dim, 2, last_bn=False)
+        # MoCo v3 and SimSiam end their projector in BatchNorm without affine parameters; MoCo v3's predictor is
+        # _build_mlp(2, …) with the same ending (Linear without bias → BN(affine=False)); BYOL's and SimSiam's end in
+        # a plain Linear.
+        embed = Embed(backbone, mlp_head(width, c.proj_hidden, c.proj_dim, c.proj_layers, last_bn, last_affine=False))
+        predictor = mlp_head(c.proj_dim, c.pred_hidden, c.proj_dim, 2, last_bn=c.framework == "mocov3",
+                             last_affine=False)
         online = LSTCLOnline(embed, predictor)
         if torch.cuda.is_available():  # MoCo v3 / BYOL normalise over the global batch (CPU: per rank)
             online = nn.SyncBatchNorm.convert_sync_batchnorm(online)
