@@ -27,10 +27,14 @@ def _batch():
     return Batch(video=torch.randn(4, 3, 4, 32, 32, generator=g), views={"long": torch.randn(4, 3, 4, 32, 32, generator=g)})
 
 
+@pytest.mark.parametrize("target", ["pooled", "frames"])
 @pytest.mark.parametrize("pool", ["cls", "mean"])
-def test_loss_matches_an_independent_computation(sets, pool):
+def test_loss_matches_an_independent_computation(sets, pool, target):
+    """Each clip's prediction against the teacher's embedding of the *other* clip: its frames averaged (pooled)
+    or every frame on its own (frames)."""
     torch.manual_seed(0)
-    method = build_method(load_config("iboot_vit_b", [*sets, f"method.iboot.teacher_pool={pool}"])).eval()
+    method = build_method(load_config("iboot_vit_b", [*sets, f"method.iboot.teacher_pool={pool}",
+                                                      f"method.iboot.target={target}"])).eval()
     batch = _batch()
     out = method(batch)
     teacher = method.frozen.encoder
@@ -38,11 +42,14 @@ def test_loss_matches_an_independent_computation(sets, pool):
         def emb(clip):  # every frame through the image model, CLS or mean of patch tokens, averaged over frames
             frames = clip.permute(0, 2, 1, 3, 4).reshape(-1, 3, 32, 32)
             tok = teacher(frames)
-            e = tok[:, 0] if pool == "cls" else tok[:, 1:].mean(1)
-            return e.reshape(4, 4, -1).mean(1)
+            e = (tok[:, 0] if pool == "cls" else tok[:, 1:].mean(1)).reshape(4, 4, -1)
+            return e.mean(1) if target == "pooled" else e
         a, b = batch.video, batch.views["long"]
-        expect = ((2 - 2 * F.cosine_similarity(method.trainable(a), emb(b))).mean()
-                  + (2 - 2 * F.cosine_similarity(method.trainable(b), emb(a))).mean()) / 2
+
+        def term(clip, other):
+            pred = method.trainable(clip)
+            return (2 - 2 * F.cosine_similarity(pred if target == "pooled" else pred[:, None], emb(other), dim=-1)).mean()
+        expect = (term(a, b) + term(b, a)) / 2
     assert torch.allclose(out.loss, expect, atol=1e-5)
     assert not any(p.requires_grad for p in method.frozen.parameters())
 
@@ -105,3 +112,27 @@ def test_cached_frame_embeddings_give_the_online_step(sets, shards, tmp_path, ca
                                       "method.iboot.teacher_pool=mean"])
     with pytest.raises(ValueError, match="teacher_pool"):
         build_method(bad)
+
+
+def test_a_timm_teacher_gets_its_own_normalisation(tmp_path):
+    """A teacher trained with other statistics (CLIP, Inception-style: timm's pretrained_cfg) sees the frames
+    re-normalised from the data's ImageNet statistics to its own."""
+    from vssl_ds.compat import import_timm
+    from vssl_ds.methods.iboot import frame_embeddings
+    from vssl_ds.teachers import build_teacher
+
+    timm = import_timm()
+    torch.manual_seed(0)
+    ref = timm.create_model("vit_tiny_patch16_224.augreg_in21k_ft_in1k", pretrained=False, num_classes=0,
+                            img_size=32, depth=2).eval()
+    torch.save(ref.state_dict(), tmp_path / "t.pth")
+    teacher = build_teacher("timm:vit_tiny_patch16_224.augreg_in21k_ft_in1k", weights=str(tmp_path / "t.pth"),
+                            img_size=32, depth=2)
+    assert teacher.norm_stats == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    imagenet = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    pixels = torch.rand(2, 3, 1, 32, 32)
+    clip = (pixels - torch.tensor(imagenet[0]).view(1, 3, 1, 1, 1)) / torch.tensor(imagenet[1]).view(1, 3, 1, 1, 1)
+    got = frame_embeddings(teacher, clip, "cls", imagenet)[:, 0]
+    with torch.no_grad():
+        expect = ref.forward_features((pixels[:, :, 0] - 0.5) / 0.5)[:, 0]
+    torch.testing.assert_close(got, expect, rtol=1e-4, atol=1e-5)

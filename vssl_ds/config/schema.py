@@ -159,6 +159,7 @@ class IBootConfig:
     proj_dim: int = 256
     pred_hidden: int = 4096
     symmetric: bool = True  # both clips predict the other clip's teacher embedding
+    target: str = "pooled"  # (r) pooled: the other clip's frame embeddings averaged | frames: one target per frame
     targets: str = "online"  # online: the image model runs in the step | cache: frame embeddings from data.targets
 
 
@@ -250,6 +251,7 @@ CHOICES = {
     "eval.pool": ("auto", "mean", "cls"),
     "method.iboot.teacher_pool": ("cls", "mean"),
     "method.iboot.targets": ("online", "cache"),
+    "method.iboot.target": ("pooled", "frames"),
     "method.lstcl.framework": ("mocov3", "byol", "simsiam"),
     "method.bevt.tokenizer": ("dalle", "kmeans"),
     "method.bevt.targets": ("online", "cache"),

@@ -36,10 +36,14 @@ def build_image_model(cfg: Config):
 
 
 @torch.no_grad()
-def frame_embeddings(teacher, clip: torch.Tensor, pool: str) -> torch.Tensor:
-    """The frozen image model's global embedding (CLS, or mean of patch tokens) of every frame.  # [B,T,D]"""
+def frame_embeddings(teacher, clip: torch.Tensor, pool: str, data_norm=None) -> torch.Tensor:
+    """The frozen image model's global embedding (CLS, or mean of patch tokens) of every frame.  # [B,T,D]
+    `data_norm` = the (mean, std) `clip` is normalised with; a teacher trained with other statistics (timm's
+    pretrained_cfg: CLIP, Inception-style) gets its own."""
     b, t = clip.shape[0], clip.shape[2]
     frames = rearrange(clip, "b c t h w -> (b t) c h w")
+    if data_norm is not None:
+        frames = teacher.renormalise(frames, *data_norm)
     enc = teacher.encoder
     if pool == "mean":
         tokens = teacher(frames, norm=True)
@@ -70,23 +74,30 @@ class IBoot(Method):
                              mlp_head(c.proj_dim, c.pred_hidden, c.proj_dim, 2, last_bn=False),
                              nn.Linear(c.proj_dim, width_t))
         super().__init__(online, teacher)
-        self.cfg = c
+        self.cfg, self.data_norm = c, (tuple(cfg.data.mean), tuple(cfg.data.std))
 
     def teacher_embedding(self, batch: Batch, name: str) -> torch.Tensor:
-        """The target of clip `name` (video | long): frame embeddings averaged over frames.  # [B,D]"""
+        """The target of clip `name` (video | long): its frames' embeddings averaged (`target=pooled`)  # [B,D]
+        or each frame's (`target=frames`).  # [B,T,D]"""
         if self.cfg.targets == "cache":
             key = f"emb_{name}"
             if key not in batch.targets:
                 raise ValueError("method.iboot.targets=cache but the batch has no cached frame embeddings "
                                  f"('{key}'): set data.targets to the folder tools/cache_teachers.py wrote")
-            return batch.targets[key].float().mean(1)
-        clip = batch.video if name == "video" else batch.views[name]
-        return self.run_frozen(frame_embeddings, self.frozen, clip, self.cfg.teacher_pool).float().mean(1)
+            frames = batch.targets[key].float()
+        else:
+            clip = batch.video if name == "video" else batch.views[name]
+            frames = self.run_frozen(frame_embeddings, self.frozen, clip, self.cfg.teacher_pool, self.data_norm).float()
+        return frames.mean(1) if self.cfg.target == "pooled" else frames  # [B,D] | [B,T,D]
 
     def forward(self, batch: Batch) -> StepOutput:
         first, second = batch.video, batch.views["long"]
         pairs = [(first, "long")] + ([(second, "video")] if self.cfg.symmetric else [])
-        losses = [(2 - 2 * F.cosine_similarity(self.student(a).float(), self.teacher_embedding(batch, b), dim=-1)).mean()
-                  for a, b in pairs]
+        losses = []
+        for a, b in pairs:
+            pred, target = self.student(a).float(), self.teacher_embedding(batch, b)
+            if target.dim() == 3:  # frame-level: the clip's prediction against every frame of the other clip
+                pred = pred[:, None]
+            losses.append((2 - 2 * F.cosine_similarity(pred, target, dim=-1)).mean())
         loss = sum(losses) / len(losses)
         return StepOutput(loss, {"loss/iboot": loss.detach()})

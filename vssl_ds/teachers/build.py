@@ -31,6 +31,17 @@ class Teacher(nn.Module):
         self.encoder.requires_grad_(False)
         self.encoder.eval()
         self.embed_dim = getattr(encoder, "embed_dim", None) or getattr(encoder, "num_features")
+        cfg = getattr(encoder, "pretrained_cfg", None) or {}  # timm: the normalisation the weights were trained with
+        self.norm_stats = (tuple(cfg["mean"]), tuple(cfg["std"])) if timm_model and "mean" in cfg else None
+
+    def renormalise(self, x: torch.Tensor, mean, std) -> torch.Tensor:
+        """Input normalised with (mean, std) [B,C,H,W] → normalised as the model expects (CLIP-family and
+        Inception-style weights have their own mean / std; vssl_ds models take the data's)."""
+        if self.norm_stats is None or (tuple(self.norm_stats[0]), tuple(self.norm_stats[1])) == (tuple(mean), tuple(std)):
+            return x
+        view = lambda v: torch.tensor(v, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)  # noqa: E731
+        pixels = x * view(std) + view(mean)
+        return (pixels - view(self.norm_stats[0])) / view(self.norm_stats[1])
 
     def train(self, mode: bool = True) -> "Teacher":
         return super().train(False)  # a teacher never leaves eval mode

@@ -168,7 +168,8 @@ class FrameEmbeddings:
         for i, name in enumerate(self.names):
             video = normalize(clips[:, i].permute(0, 4, 1, 2, 3).to(self.device), self.cfg.data.mean, self.cfg.data.std)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                out[name] = frame_embeddings(self.model, video, self.pool).float().cpu()
+                out[name] = frame_embeddings(self.model, video, self.pool,
+                                             (self.cfg.data.mean, self.cfg.data.std)).float().cpu()
         return out
 
 
