@@ -1,3 +1,4 @@
+import math
 import numpy as np
 import pytest
 
@@ -67,3 +68,37 @@ def test_long_short_and_frame_pair_samplers():
         a, b = frame_pair(100, 10, rng)
         assert 0 <= a <= b < 100 and b - a <= 10
     assert list(frame_pair(1, 10, rng)) == [0, 0]  # an image gives itself twice
+
+
+def _beit_reference(h, w, n, rnd, min_block=16):
+    """BEiT's / BEVT's MaskingGenerator written out independently (python's random): the number masked."""
+    mask, count, log_ar = np.zeros((h, w), dtype=bool), 0, (math.log(0.3), math.log(1 / 0.3))
+    while count < n:
+        budget, delta = n - count, 0
+        for _ in range(10):
+            area, ar = rnd.uniform(min_block, budget), math.exp(rnd.uniform(*log_ar))
+            bh, bw = int(round(math.sqrt(area * ar))), int(round(math.sqrt(area / ar)))
+            if bw < w and bh < h:
+                top, left = rnd.randint(0, h - bh), rnd.randint(0, w - bw)
+                new = bh * bw - int(mask[top:top + bh, left:left + bw].sum())
+                if 0 < new <= budget:
+                    mask[top:top + bh, left:left + bw] = True
+                    delta = new
+                    break
+        if delta == 0:
+            break
+        count += delta
+    return count
+
+
+def test_block_masks_reach_the_budget_as_often_as_beits():
+    """When fewer than min_block cells remain, BEiT draws the area in U(budget, 16): the last blocks are small
+    enough to fit, so 98 of 196 cells are reached as often as the official generator reaches them."""
+    import random
+
+    from vssl_ds.data.masking import block_mask_2d
+
+    rng, rnd = np.random.default_rng(0), random.Random(0)
+    ours = np.mean([block_mask_2d(14, 14, 98, rng).sum() == 98 for _ in range(2000)])
+    official = np.mean([_beit_reference(14, 14, 98, rnd) == 98 for _ in range(2000)])
+    assert abs(ours - official) < 0.06, (ours, official)

@@ -36,7 +36,8 @@ def block_mask_2d(height: int, width: int, num_masked: int, rng: np.random.Gener
         budget = min(num_masked - count, max_block)
         added = 0
         for _ in range(10):
-            target = rng.uniform(min_block, max(budget, min_block))
+            target = min_block + (budget - min_block) * rng.random()  # BEiT's uniform(min, budget), also when
+            # fewer than min_block cells remain (then the area lies between budget and min_block)
             ar = math.exp(rng.uniform(*log_aspect))
             h, w = int(round(math.sqrt(target * ar))), int(round(math.sqrt(target / ar)))
             if w < width and h < height:
