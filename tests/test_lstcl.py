@@ -106,3 +106,48 @@ def test_lstcl_runs_with_two_deepspeed_ranks(shards, tmp_path, recipe, fw, stage
             "run.name=lstcl"]
     launch(["--config", recipe, *overrides(*sets)])
     check_run(tmp_path / "lstcl", ("train/loss", f"loss/{fw}"), points=3)
+
+
+def _infonce_rank(rank, world, port, out):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        method = _method("mocov3")
+        seen = {}
+        real = F.cross_entropy
+
+        def spy(logits, labels, *a, **k):
+            seen["width"], seen["labels"] = logits.shape[1], labels.tolist()
+            return real(logits, labels, *a, **k)
+
+        g = torch.Generator().manual_seed(rank)
+        q, k = torch.randn(3, 16, generator=g), torch.randn(3, 16, generator=g)
+        F.cross_entropy = spy
+        try:
+            loss = method.infonce(q, k)
+        finally:
+            F.cross_entropy = real
+        out[rank] = (seen["width"], seen["labels"], float(loss))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_mocov3_keys_include_every_ranks_and_the_positive_is_offset_by_rank():
+    """MoCo v3 under 2 ranks: each rank's logits span the keys of both ranks (width 2B) and the positive of
+    local sample i is global key rank·B + i."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.spawn(_infonce_rank, args=(2, port, out), nprocs=2, join=True)
+    assert out[0][:2] == (6, [0, 1, 2]) and out[1][:2] == (6, [3, 4, 5])
+    qk = [[torch.randn(3, 16, generator=g) for _ in range(2)] for g in (torch.Generator().manual_seed(r) for r in range(2))]
+    keys = F.normalize(torch.cat([k for _, k in qk]), dim=-1)
+    for r, (q, _) in enumerate(qk):  # 2τ·CE over all ranks' keys, computed here from the same draws
+        expect = 2 * 0.2 * F.cross_entropy(F.normalize(q, dim=-1) @ keys.t() / 0.2, torch.arange(3) + 3 * r)
+        assert abs(out[r][2] - float(expect)) < 1e-5
