@@ -59,7 +59,7 @@ def iboot_fingerprint(cfg) -> dict:
             "teacher_pool": c.teacher_pool, "size": d.size, "num_frames": d.num_frames,
             "sampling_rate": d.sampling_rate, "long_stride": d.long_stride, "view": d.view,
             "short_video": d.short_video, "mean": list(d.mean), "std": list(d.std), "seed": cfg.run.seed,
-            "decoder": d.decoder}
+            "decoder": d.decoder, "teacher_input": "renormalised to the teacher's own mean/std"}
 
 
 def check_fingerprint(manifest: dict, expected: dict, where: str) -> None:
