@@ -1,8 +1,9 @@
 """Weights from elsewhere, offline: files on disk in the formats people have.
 
-Every released layout is read by a table of rules (`_VIDEOMAE_RULES`, `_SWIN_RULES`): each key of the file is
-mapped into one part (the encoder, a decoder, the fine-tuning `fc_norm` / `head`) or ignored by a rule that
-names why; a key no rule matches is an error that names it. What a caller does not use is reported once.
+Every released layout is read by a table of rules (`_VIDEOMAE_RULES`, `_TIMESFORMER_RULES`, `_MAE_RULES`,
+`_SWIN_RULES`): each key of the file is mapped into one part (the encoder, a decoder, the fine-tuning
+`fc_norm` / `head`, …) or ignored by a rule that names why; a key no rule matches is an error that names it.
+What a caller does not use is reported once.
 
 - **VideoMAE / MVD** (`checkpoint-*.pth`, `{"model" | "module": …}`), pretraining and fine-tuned files, and
   vssl_ds's own `final_model.pt`:
@@ -81,7 +82,6 @@ def load_file(path: str | Path) -> dict[str, torch.Tensor]:
 # (pattern on the file key, destination, replacement). Destination: a part name ("encoder", "decoder", …),
 # "table:<part>" for a stored fixed position table, or "ignore:<why>". The first full match wins.
 _VIDEOMAE_RULES = [
-    (r"module\.(.*)", "again", r"\1"),
     (r"encoder\.pos_embed", "table:encoder", ""),
     (r"encoder\.(.*)", "encoder", r"\1"),
     (r"encoder_to_decoder\.(.*)", "decoder", r"embed.\1"),
@@ -99,13 +99,11 @@ _VIDEOMAE_RULES = [
     (r"((?:patch_embed|blocks|norm|cls_token)(?:\..*)?)", "encoder", r"\1"),
 ]
 _TIMESFORMER_RULES = [  # facebookresearch/TimeSformer .pyth: {"model_state": {"model.…"}} (the registry wraps the ViT)
-    (r"module\.(.*)", "again", r"\1"),
     (r"model\.(.*)", "again", r"\1"),
     (r"head\.(.*)", "head", r"\1"),
     (r"((?:cls_token|pos_embed|time_embed|patch_embed|blocks|norm)(?:\..*)?)", "encoder", r"\1"),
 ]
 _MAE_RULES = [  # MAE-style pretraining (ViC-MAE, MAE): {"model": encoder, decoder_*, mask_token[, projector]}
-    (r"module\.(.*)", "again", r"\1"),
     (r"mask_token", "decoder", "mask_token"),
     (r"decoder_pos_embed", "table:decoder", ""),
     (r"decoder_embed\.(.*)", "decoder", r"embed.\1"),
@@ -118,7 +116,6 @@ _MAE_RULES = [  # MAE-style pretraining (ViC-MAE, MAE): {"model": encoder, decod
     (r"((?:cls_token|patch_embed|blocks|norm)(?:\..*)?)", "encoder", r"\1"),
 ]
 _SWIN_RULES = [
-    (r"module\.(.*)", "again", r"\1"),
     (r"backbone\.(.*)", "again", r"\1"),
     (r".*relative_position_index|.*attn_mask", "ignore:a buffer the model computes from its window", ""),
     (r"cls_head\.fc_cls\.(.*)", "head", r"\1"),  # mmaction's I3DHead: the classifier
@@ -134,9 +131,10 @@ _SWIN_RULES = [
 
 
 def _apply_rules(sd: dict, rules: list, path: str, fmt: str) -> Checkpoint:
+    """Split `sd` by `rules`; a `module.` prefix (DDP / DeepSpeed wrappers) is dropped in every layout."""
     ck = Checkpoint(str(path), fmt, {})
     for key, value in sd.items():
-        k = key
+        k = key.removeprefix("module.")
         while True:
             for pattern, dest, repl in rules:
                 m = re.fullmatch(pattern, k)
