@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 from vssl_ds.tools.benchmark import main
 
@@ -32,3 +33,42 @@ def test_cache_benchmark_reports_the_ratio_and_bytes(tmp_path):
                  "--iters", "1", "--json", str(tmp_path / "c.json")]) == 0
     c = json.loads((tmp_path / "c.json").read_text())
     assert c["speedup"] > 0 and c["bytes_per_clip_per_view"]["vid/int8"] < c["bytes_per_clip_per_view"]["vid/fp16"]
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_every_part_at_toy_size_on_cpu(tmp_path):
+    """`vssl-benchmark gpu --cpu`: the device check's every part (attention agreement, MAE engine steps with and
+    without checkpointing and torch.compile, ZeRO-0 vs ZeRO-3, MVD cached vs online, the loader, and a stopped and
+    resumed pretrain.py run) runs on the CPU, so the script a lent GPU runs in one go is never broken."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    proc = subprocess.run([sys.executable, "-m", "vssl_ds.tools.benchmark", "gpu", "--cpu", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads((tmp_path / "gpu.json").read_text())
+    for part in ("env", "attention", "mae", "zero3", "mvd", "data", "e2e"):
+        assert "error" not in r[part] and "skipped" not in r[part], (part, r[part])
+    assert {"math/no_bias", "sdpa/no_bias", "math/bias", "sdpa/bias"} <= set(r["attention"]["vit"])
+    assert all(row["max_rel_err"] < 1e-4 for row in r["attention"]["vit"].values())  # fp32 on the CPU
+    assert r["attention"]["swin"]["sdpa"]["max_rel_err"] < 1e-4
+    variants = [k for k in r["mae"] if k.count("/") == 3]
+    assert {"compile=on", "compile=off"} <= {k.rsplit("/", 1)[1] for k in variants}
+    assert all(r["mae"][k]["clips_per_s"] > 0 for k in variants) and r["mae"]["vit_micro_video/train_gflops_per_clip"] > 0
+    assert r["zero3"]["zero0"]["clips_per_s"] > 0 and r["zero3"]["zero3"]["clips_per_s"] > 0
+    assert r["mvd"]["speedup"] > 0 and all(r["data"][f"workers={w}"]["clips"] > 0 for w in (1, 2))
+    e2e = r["e2e"]
+    assert e2e["ok"] and e2e["resumed_from"] == "step 4" and e2e["final_step"] == 8 and e2e["latest"] == "step00000008"
+    md = (tmp_path / "gpu.md").read_text()
+    assert "## attention" in md and "## e2e" in md and "| swin sdpa |" in md
+
+
+def test_gpu_check_refuses_to_run_without_a_gpu_unless_asked_for_the_cpu(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(SystemExit, match="no CUDA device"):
+        main(["gpu", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="unknown"):
+        main(["gpu", "--cpu", "--parts", "env,warp", "--out", str(tmp_path)])

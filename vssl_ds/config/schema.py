@@ -64,6 +64,7 @@ class ModelConfig:
     drop_path: float = 0.0
     attn_backend: str = "auto"  # auto | xformers | sdpa | math
     grad_ckpt: bool = False  # activation checkpointing per block
+    compile: bool = False  # torch.compile each encoder block in place (GPU speed; the first steps compile)
     pretrained: str = ""  # local weight file (.pth/.safetensors) loaded into the encoder
     pos_embed: str = "sincos"  # sincos (VideoMAE's 1D table) | sincos3d (MVD's) | learned
     window: list[int] = field(default_factory=lambda: [8, 7, 7])  # Swin: attention window (t, h, w) in tokens

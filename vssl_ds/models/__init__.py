@@ -49,6 +49,11 @@ def build_encoder(m, with_checkpoint: bool = False, drop: tuple[str, ...] = (), 
         logging.getLogger(__name__).info("encoder %s initialised from %s (%s format)", m.name, m.pretrained, ck.fmt)
         if not with_checkpoint:
             report_unused(ck, who=f"encoder {m.name}")
+    if m.compile:
+        from .layers import compile_blocks
+
+        logging.getLogger(__name__).info("model.compile: %d blocks of %s compiled (torch.compile)",
+                                         compile_blocks(model), m.name)
     return (model, ck) if with_checkpoint else model
 
 

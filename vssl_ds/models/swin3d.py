@@ -95,6 +95,8 @@ class WindowAttention3D(nn.Module):
 
 
 class SwinBlock3D(nn.Module):
+    compilable_block = True  # model.compile=true compiles it (layers.block.compile_blocks)
+
     def __init__(self, dim, heads, window, shift, mlp_ratio=4.0, qkv_bias=True, drop_path=0.0, backend="sdpa",
                  rel_index="official"):
         super().__init__()

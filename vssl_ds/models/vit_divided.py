@@ -17,6 +17,8 @@ from .vit2d import PatchEmbed2D
 
 
 class DividedBlock(nn.Module):
+    compilable_block = True  # model.compile=true compiles it (layers.block.compile_blocks)
+
     def __init__(self, dim, heads, mlp_ratio=4.0, qkv_bias=True, drop_path=0.0, backend="sdpa", frames=8):
         super().__init__()
         self.frames = frames

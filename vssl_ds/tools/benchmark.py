@@ -5,6 +5,7 @@
     vssl-benchmark model [--models vit_base_video,vit_large_video] [--mask-ratio 0.9] [--grad-ckpt]
     vssl-benchmark cache [--student vit_small_video --image-teacher vit2d_base_patch16 --video-teacher vit_base_video]
     vssl-benchmark temporal [--methods mae,vicmae,mvd,iboot,lstcl,bevt] [--steps 300]   (see temporal.py)
+    vssl-benchmark gpu [--cpu] [--parts env,attention,mae,zero3,mvd,data,e2e] [--budget 480]   (see gpu_bench.py)
 
 `data`: clips/s of the vssl_ds pipeline (tar shards → decord → crop → mask, per-sample views) against a
 baseline modelled on VideoMAE's pretraining loader (one decord.VideoReader per video *file*, TSN-style
@@ -61,9 +62,11 @@ def parse_args(argv=None):
     c.add_argument("--batch", type=int, default=2)
     c.add_argument("--frames", type=int, default=16)
     c.add_argument("--size", type=int, default=224)
+    from .gpu_bench import add_args as add_gpu
     from .temporal import add_args
 
     add_args(sub)
+    add_gpu(sub)
     for q in (a, m, c):
         q.add_argument("--backends", default="math,sdpa,xformers")
         q.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="auto: bf16 on GPU")
@@ -277,13 +280,13 @@ def bench_cache(args) -> dict:
     cfg = load_config("mvd_vit_b", sets)
     online = build_method(cfg).to(device).train()
     if dtype != torch.float32:
-        online.frozen.to(dtype)  # teachers in reduced precision, as the engine holds them
+        online.frozen_dtype = dtype  # teachers under autocast, as the engine runs them (Method.run_frozen)
     fn, _ = mask_fns(cfg)
     b = args.batch
     mask = torch.from_numpy(np.stack([fn(np.random.default_rng(i)) for i in range(b)])).to(device)
     video = torch.randn(b, 3, args.frames, args.size, args.size, device=device)
     with torch.no_grad():
-        targets = online.frozen(video)
+        targets = online.run_frozen(online.frozen, video)
     cached_batch = Batch(video=video, mask=mask, targets=targets)
     online_batch = Batch(video=video, mask=mask)
     opt = torch.optim.AdamW(online.trainable.parameters(), lr=1e-6)
@@ -314,11 +317,12 @@ def bench_cache(args) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from .gpu_bench import bench_gpu
     from .temporal import bench_temporal
 
     result = {"data": bench_data, "attention": bench_attention, "model": bench_model,
-              "cache": bench_cache, "temporal": bench_temporal}[args.what](args)
-    if args.json:
+              "cache": bench_cache, "temporal": bench_temporal, "gpu": bench_gpu}[args.what](args)
+    if getattr(args, "json", ""):
         Path(args.json).write_text(json.dumps(result, indent=1))
     return 0
 

@@ -23,6 +23,8 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
+    compilable_block = True  # model.compile=true compiles it (compile_blocks)
+
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  drop_path: float = 0.0, backend: str = "sdpa"):
         super().__init__()
@@ -35,6 +37,16 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x), bias))
         return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+def compile_blocks(model: nn.Module) -> int:
+    """torch.compile every transformer block of `model` in place (`nn.Module.compile`: parameters and state-dict
+    keys stay as they are, so checkpoints and ZeRO see the same module) → the number of blocks compiled.
+    Blocks of one width share one compiled graph; activation checkpointing still recomputes per block."""
+    blocks = [m for m in model.modules() if getattr(m, "compilable_block", False)]
+    for blk in blocks:
+        blk.compile()
+    return len(blocks)
 
 
 def run_blocks(blocks, x: torch.Tensor, grad_ckpt: bool, training: bool, *args) -> torch.Tensor:
