@@ -16,6 +16,7 @@ killed still leaves what it measured.
   data       the data pipeline (generated H.264 shards) into the device with 8 and 16 workers: clips/s
   e2e        a 200-step tiny MVD run through pretrain.py on the device: stop at step 100 with a checkpoint,
              `--auto-resume` to 200; checks the resume step, the loss trend, the final weights
+  compile    the MAE steps again with model.compile=true (SDPA, the eager variant's batch): compile time, speed
 
 `--cpu` runs every part at toy sizes on the CPU (tests/test_benchmark_cli.py), so the script is never broken
 when a GPU finally runs it.
@@ -49,7 +50,7 @@ CPU = dict(attn=(1, 2, 64, 16), swin=("swin3d_micro", 1, 8, 64), mae_models=("vi
            frames=8, size=32, probe=2, max_batch=4, iters=2, zero3=("vit_micro_video", 2),
            mvd=("vit_micro_video", "vit2d_micro_patch16", "vit_micro_video", 2), data_workers=(1, 2), data_batch=2,
            data_clips=8, data_shards=4, data_src=48, data_frames=40, data_seconds=1.5, e2e_steps=8)
-PARTS = ("env", "attention", "mae", "zero3", "mvd", "data", "e2e")
+PARTS = ("env", "attention", "mae", "zero3", "mvd", "data", "e2e", "compile")
 
 
 def add_args(sub) -> None:
@@ -57,7 +58,6 @@ def add_args(sub) -> None:
     g.add_argument("--cpu", action="store_true", help="every part at toy sizes on the CPU (the CI test)")
     g.add_argument("--parts", default=",".join(PARTS), help=f"subset of {','.join(PARTS)}")
     g.add_argument("--budget", type=float, default=480.0, help="seconds; a part that would start later is skipped")
-    g.add_argument("--compile", default="on", choices=["on", "off"], help="include the torch.compile MAE variants")
     g.add_argument("--out", default="bench/gpu", help="folder for gpu.json and gpu.md")
     g.add_argument("--scratch", default="", help="folder for generated shards and run folders (default: in --out)")
 
@@ -129,6 +129,14 @@ def part_env(s, device, dtype) -> dict:
     return out
 
 
+def _guarded(fn) -> dict:
+    """fn() → its row, or {'error': …} (one backend failing leaves the others measured)."""
+    try:
+        return fn()
+    except Exception as e:
+        return {"error": f"{type(e).__name__}: {str(e)[:400]}"}
+
+
 def part_attention(s, device, dtype, backends) -> dict:
     from ..models import create_model
     from ..models.layers import attention
@@ -138,23 +146,25 @@ def part_attention(s, device, dtype, backends) -> dict:
     torch.manual_seed(0)
     q, k, v, g = (torch.randn(B, H, N, D, device=device) for _ in range(4))
     bias = torch.randn(1, H, N, N, device=device)
+
+    def vit_row(backend, b, ref, ref_grads) -> dict:
+        leaves = [t.detach().to(dtype).clone().requires_grad_() for t in (q, k, v)]
+        bb = None if b is None else b.to(dtype)
+        y = attention(*leaves, bb, backend)
+        y.backward(g.to(dtype))
+        err = max([_rel_err(y, ref)] + [_rel_err(t.grad, r) for t, r in zip(leaves, ref_grads)])
+        ms = 1000 * _time(lambda: attention(*leaves, bb, backend).backward(g.to(dtype)), s["iters"] * 2, device)
+        return {"fwd_bwd_ms": round(ms, 3), "max_rel_err": float(f"{err:.3g}")}
+
     for bname, b in (("no_bias", None), ("bias", bias)):
         leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-        ref = attention(*leaves, b, "math")
+        ref = attention(*leaves, b, "math")  # fp32 reference
         ref.backward(g)
         ref_grads = [t.grad for t in leaves]
         for backend in backends:
-            leaves = [t.detach().to(dtype).clone().requires_grad_() for t in (q, k, v)]
-            bb = None if b is None else b.to(dtype)
-            y = attention(*leaves, bb, backend)
-            y.backward(g.to(dtype))
-            err = max([_rel_err(y, ref)] + [_rel_err(t.grad, r) for t, r in zip(leaves, ref_grads)])
+            row = out["vit"][f"{backend}/{bname}"] = _guarded(lambda: vit_row(backend, b, ref, ref_grads))
+            print(f"  ViT attention {B}x{H}x{N}x{D} {backend:9s} {bname:8s} {row}", flush=True)
 
-            def step():
-                attention(*leaves, bb, backend).backward(g.to(dtype))
-            ms = 1000 * _time(step, s["iters"] * 2, device)
-            out["vit"][f"{backend}/{bname}"] = {"fwd_bwd_ms": round(ms, 3), "max_rel_err": float(f"{err:.3g}")}
-            print(f"  ViT attention {B}x{H}x{N}x{D} {backend:9s} {bname:8s} {ms:8.3f} ms  rel err {err:.2e}", flush=True)
     name, batch, frames, size = s["swin"]
     torch.manual_seed(1)
     clip = torch.randn(batch, 3, frames, size, size, device=device)
@@ -163,13 +173,13 @@ def part_attention(s, device, dtype, backends) -> dict:
         ref = reference(clip)
     state = reference.state_dict()
     del reference
-    for backend in backends:
+
+    def swin_row(backend) -> dict:
         model = create_model(name, img_size=size, num_frames=frames, attn_backend=backend).to(device)
         model.load_state_dict(state)
         model.eval()
         with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            y = model(clip)
-        err = _rel_err(y, ref)
+            err = _rel_err(model(clip), ref)
         model.train()
 
         def step():
@@ -177,13 +187,16 @@ def part_attention(s, device, dtype, backends) -> dict:
                 model(clip).float().pow(2).mean().backward()
         _reset(device)
         ms = 1000 * _time(step, s["iters"], device)
-        out["swin"][backend] = {"fwd_bwd_ms": round(ms, 2), "max_rel_err": float(f"{err:.3g}"),
-                                "peak_mem_gib": round(_peak_gib(device), 2)}
-        print(f"  {name} {batch}x{frames}x{size}² {backend:9s} {ms:8.1f} ms  rel err {err:.2e} (features vs fp32 math)",
-              flush=True)
-        del model
+        return {"fwd_bwd_ms": round(ms, 2), "max_rel_err": float(f"{err:.3g}"), "peak_mem_gib": round(_peak_gib(device), 2)}
+
+    for backend in backends:
+        row = out["swin"][backend] = _guarded(lambda: swin_row(backend))
+        print(f"  {name} {batch}x{frames}x{size}² {backend:9s} {row} (features vs fp32 math)", flush=True)
+        _reset(device)
     out["swin_setup"] = {"model": name, "batch": batch, "frames": frames, "size": size,
-                         "reference": "fp32, math backend, same weights"}
+                         "reference": "fp32, math backend, same weights", "relative_bias_and_shift_masks": True}
+    out["vit_setup"] = {"B_H_N_D": [B, H, N, D], "dtype": str(dtype).split(".")[-1],
+                        "reference": "fp32 math; error over output and q/k/v gradients", "bias": "dense [1,H,N,N]"}
     return out
 
 
@@ -264,16 +277,19 @@ def _largest_batch(s, step: _EngineStep, inputs, device) -> tuple[int, dict]:
                    "mib_per_clip": round(per_clip / 2**20, 1), "predicted_fit": fit}
 
 
-def part_mae(s, device, dtype, backends, compile_on: bool) -> dict:
+def part_mae(s, device, dtype, backends, compiled: dict | None = None) -> dict:
+    """Eager variants (backend x checkpointing) at the largest batch; `compiled`: {model: batch} → those models
+    with model.compile=true on SDPA at that batch (one shape: one compilation), the first step timed apart."""
     out = {}
     peak = DATASHEET_BF16_TFLOPS if device.type == "cuda" else 0.0
     fast = [b for b in backends if b != "math"]
-    for name in s["mae_models"]:
+    for name in (s["mae_models"] if compiled is None else compiled):
         flops = _train_flops_per_clip(_mae_config(s, name, []), device)
         out[f"{name}/train_gflops_per_clip"] = round(flops / 1e9, 1)
-        variants = [(b, ck, False) for b in fast for ck in (False, True)]
-        if compile_on:
-            variants += [(b, False, True) for b in fast]
+        if compiled is None:
+            variants = [(b, ck, False) for b in fast for ck in (False, True)]
+        else:
+            variants = [("sdpa", False, True)]
         for backend, ckpt, comp in variants:
             key = f"{name}/{backend}/ckpt={'on' if ckpt else 'off'}/compile={'on' if comp else 'off'}"
             cfg = _mae_config(s, name, [f"model.attn_backend={backend}", f"model.grad_ckpt={str(ckpt).lower()}",
@@ -285,7 +301,13 @@ def part_mae(s, device, dtype, backends, compile_on: bool) -> dict:
                 step = _EngineStep(cfg, device)
                 try:
                     t0 = time.perf_counter()
-                    batch, row = _largest_batch(s, step, inputs, device)
+                    if compiled is None:
+                        batch, row = _largest_batch(s, step, inputs, device)
+                    else:  # the first step compiles (forward and backward graphs)
+                        batch = compiled[name]
+                        step(inputs(batch))
+                        _sync(device)
+                        row = {"first_step_s": round(time.perf_counter() - t0, 1)}
                     for attempt in range(3):
                         try:
                             _reset(device)
@@ -311,11 +333,18 @@ def part_mae(s, device, dtype, backends, compile_on: bool) -> dict:
                 _reset(device)
             out[key] = row
             print(f"  {key:55s} {row}", flush=True)
-    out["setup"] = {"frames": s["frames"], "size": s["size"], "mask_ratio": 0.9, "precision": "engine auto (bf16 on "
+    out["setup"] = {"frames": s["frames"], "size": s["size"], "mask_ratio": 0.9, "compiled": compiled is not None, "precision": "engine auto (bf16 on "
                     "GPU)", "zero_stage": 1, "optimizer": "torch AdamW (vssl_ds engine)",
-                    "batch": f"largest under 85 % of memory from two probe batches, capped at {s['max_batch']}",
+                    "batch": f"largest under 85 % of memory from two probe batches, capped at {s['max_batch']}"
+                    if compiled is None else "the eager SDPA variant's batch",
                     "mfu_peak_tflops": peak}
     return out
+
+
+def _compile_batches(s, results: dict) -> dict:
+    """The batch each model's eager SDPA variant ran at (the probe batch if the mae part did not run)."""
+    mae = results.get("mae", {})
+    return {name: mae.get(f"{name}/sdpa/ckpt=off/compile=off", {}).get("batch", s["probe"]) for name in s["mae_models"]}
 
 
 def part_zero3(s, device) -> dict:
@@ -475,7 +504,7 @@ def _markdown(results: dict, command: str) -> str:
         if "error" in r or "skipped" in r:
             lines += [f"**{'failed' if 'error' in r else 'skipped'}**: {r.get('error', r.get('skipped'))}", ""]
             continue
-        rows = [(k, v) for k, v in r.items() if isinstance(v, dict) and k not in ("setup", "swin_setup")]
+        rows = [(k, v) for k, v in r.items() if isinstance(v, dict) and not k.endswith("setup")]
         for sub in ("vit", "swin"):
             if sub in r:
                 rows = [(f"{sub} {k}", v) for k, v in r[sub].items()]
@@ -485,7 +514,7 @@ def _markdown(results: dict, command: str) -> str:
         scalars = {k: v for k, v in r.items() if not isinstance(v, dict)}
         if scalars:
             lines += ["", ", ".join(f"{k}: {v}" for k, v in scalars.items())]
-        for key in ("setup", "swin_setup"):
+        for key in ("setup", "vit_setup", "swin_setup"):
             if key in r:
                 lines += ["", f"{key}: " + ", ".join(f"{k}={v}" for k, v in r[key].items())]
         lines.append("")
@@ -522,7 +551,7 @@ def bench_gpu(args) -> dict:
     if unknown:
         raise SystemExit(f"--parts: unknown {unknown}; choose from {','.join(PARTS)}")
     started = time.monotonic()
-    engine_parts = {"mae", "zero3"} & set(wanted)
+    engine_parts = {"mae", "zero3", "compile"} & set(wanted)
     if engine_parts:  # the engine parts share one single-rank process group, as `python pretrain.py` creates
         from ..config import load_config
         from ..engine.deepspeed import init_distributed
@@ -532,7 +561,8 @@ def bench_gpu(args) -> dict:
     scratch.mkdir(parents=True, exist_ok=True)
     calls = {"env": lambda: part_env(s, device, dtype),
              "attention": lambda: part_attention(s, device, dtype, backends),
-             "mae": lambda: part_mae(s, device, dtype, backends, args.compile == "on"),
+             "mae": lambda: part_mae(s, device, dtype, backends),
+             "compile": lambda: part_mae(s, device, dtype, backends, _compile_batches(s, results)),
              "zero3": lambda: part_zero3(s, device), "mvd": lambda: part_mvd(s, device),
              "data": lambda: part_data(s, device, scratch), "e2e": lambda: part_e2e(s, device, scratch)}
     for part in wanted:
