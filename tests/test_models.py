@@ -82,6 +82,10 @@ def test_attention_backends_agree(with_bias):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="xformers needs CUDA")
 def test_xformers_agrees_with_math_on_gpu():
     pytest.importorskip("xformers")
+    from vssl_ds.models.layers.attention import xformers_unusable
+
+    if xformers_unusable():
+        pytest.skip(xformers_unusable())
     q, k, v = (torch.randn(2, 4, 1568, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     bias = torch.randn(1, 4, 1568, 1568, device="cuda", dtype=torch.bfloat16)
     for b in (None, bias):
@@ -224,6 +228,10 @@ def test_model_compile_trains_the_same_as_eager():
 def test_swin_through_xformers_agrees_with_math_on_gpu():
     """Relative-position bias and shift masks through xformers' kernel (bias padded to an aligned stride)."""
     pytest.importorskip("xformers")
+    from vssl_ds.models.layers.attention import xformers_unusable
+
+    if xformers_unusable():
+        pytest.skip(xformers_unusable())
     torch.manual_seed(0)
     x = torch.randn(1, 3, 16, 112, 112, device="cuda")
     ref = create_model("swin3d_tiny", img_size=112, num_frames=16, attn_backend="math").cuda().eval()
@@ -234,3 +242,42 @@ def test_swin_through_xformers_agrees_with_math_on_gpu():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             got = fast(x).float()
     assert (got - want).abs().max() / want.abs().max() < 0.03
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_auto_backend_on_gpu_is_one_that_runs():
+    """auto never picks an xformers whose kernels do not load (a wheel built for another torch/CUDA)."""
+    from vssl_ds.models.layers import resolve_backend
+    from vssl_ds.models.layers.attention import xformers_unusable
+
+    backend = resolve_backend("auto", torch.device("cuda"))
+    assert backend == ("sdpa" if xformers_unusable() else "xformers")
+    q = torch.randn(1, 2, 64, 32, device="cuda", dtype=torch.bfloat16)
+    assert torch.isfinite(attention(q, q, q, None, backend)).all()
+
+
+def test_an_xformers_that_imports_but_cannot_run_is_never_chosen(monkeypatch):
+    """The H200 case: xformers imports, its kernels fail at the first call → auto is SDPA (with a warning), an
+    explicit xformers is an error that says why and what to do."""
+    import importlib
+    import types
+
+    att = importlib.import_module("vssl_ds.models.layers.attention")  # the module (the package exports the function)
+
+    def broken(*args, **kwargs):
+        raise NotImplementedError("No operator found for `memory_efficient_attention_forward`")
+
+    fake_ops = types.SimpleNamespace(memory_efficient_attention=broken)
+    monkeypatch.setitem(__import__("sys").modules, "xformers", types.SimpleNamespace(__version__="0.0.0-test"))
+    monkeypatch.setattr(att, "_xformers_ops", lambda: fake_ops)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch, "zeros", lambda *a, **k: torch.empty(0))  # no CUDA tensor on this machine
+    att.xformers_unusable.cache_clear()
+    try:
+        assert "CUDA kernels do not run" in att.xformers_unusable()
+        assert att.resolve_backend("auto", torch.device("cuda")) == "sdpa"
+        with pytest.raises(RuntimeError, match="model.attn_backend=sdpa"):
+            att.resolve_backend("xformers", torch.device("cuda"))
+    finally:
+        att.xformers_unusable.cache_clear()

@@ -495,7 +495,7 @@ def _markdown(results: dict, command: str) -> str:
     env = results.get("env", {})
     if "device" in env:
         lines += [f"Device: {env['device']}; torch {env['torch']} (CUDA {env['cuda']}), DeepSpeed {env['deepspeed']}, "
-                  f"xformers {env.get('xformers')}; measured matmul {env['matmul_tflops']} TFLOP/s ({env['matmul_shape']}).", ""]
+                  f"xformers {env.get('xformers')} ({results.get('xformers')}); measured matmul {env['matmul_tflops']} TFLOP/s ({env['matmul_shape']}).", ""]
     for part in PARTS[1:]:
         r = results.get(part)
         if r is None:
@@ -539,13 +539,14 @@ def bench_gpu(args) -> dict:
         raise SystemExit("vssl-benchmark gpu: no CUDA device here; --cpu runs the same parts at toy sizes on the CPU")
     device = torch.device("cpu") if args.cpu else torch.device("cuda", 0)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    from ..models.layers.attention import _xformers_ops
+    from ..models.layers.attention import xformers_unusable
 
-    backends = ["math", "sdpa"] + (["xformers"] if device.type == "cuda" and _xformers_ops() is not None else [])
+    why_not = xformers_unusable() if device.type == "cuda" else "xformers runs on CUDA only"
+    backends = ["math", "sdpa"] + ([] if why_not else ["xformers"])
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     command = "vssl-benchmark gpu " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["gpu"] else "vssl-benchmark gpu"
-    results: dict = {"command": command, "backends": backends}
+    results: dict = {"command": command, "backends": backends, "xformers": why_not or "kernels run"}
     wanted = [p for p in args.parts.split(",") if p]
     unknown = sorted(set(wanted) - set(PARTS))
     if unknown:
