@@ -56,3 +56,4 @@ class Scalars:
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()
+            self.writer = None

@@ -56,15 +56,22 @@ def ensure_default_data(cfg: Config) -> None:
 
 
 class StopRequest:
-    """SIGTERM / SIGUSR1 (cluster preemption): finish the current step, checkpoint, exit cleanly."""
+    """SIGTERM / SIGUSR1 (cluster preemption) and a first SIGINT (Ctrl-C): finish the current optimizer step,
+    checkpoint, exit 0. A second SIGINT leaves at once (KeyboardInterrupt, no checkpoint)."""
 
     def __init__(self):
         self.signum = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        self.signum = signum
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt("second Ctrl-C: leaving without a checkpoint")
+        if signum == signal.SIGINT:
+            print("Ctrl-C: finishing this step and checkpointing (Ctrl-C again leaves at once, without one)",
+                  file=sys.stderr, flush=True)
+        self.signum = self.signum or signum
 
 
 class Trainer:
@@ -162,14 +169,18 @@ class Trainer:
         micro, last_saved = 0, self.step
         tick = time.perf_counter()
         while self.step < self.total_steps:
+            if micro == 0:  # between optimizer steps, before the next batch is taken from the loader (whose
+                # position then still counts only trained batches: the resume neither loses nor repeats one)
+                (stopping,) = dist.any_true([stop.signum is not None], self.device)
+                if stopping:
+                    log.warning("signal %s received (on some rank): checkpointing at step %d and exiting",
+                                stop.signum or "", self.step)
+                    self.save()
+                    return self.step, True
             t_fetch = time.perf_counter()
             batch = next(self._batches, None)
             window["data_time"] += time.perf_counter() - t_fetch
-            ran_out, stopping = dist.any_true([batch is None, stop.signum is not None], self.device)
-            if stopping and micro == 0:
-                log.warning("signal %s received: checkpointing at step %d and exiting", stop.signum, self.step)
-                self.save()
-                return self.step, True
+            (ran_out,) = dist.any_true([batch is None], self.device)
             if ran_out:  # some rank finished its shards: everyone starts the next epoch together
                 if batch is not None:
                     self._batches.close()
@@ -208,12 +219,16 @@ class Trainer:
             log.warning("non-finite loss at step %d (keys %s): step skipped (%d in a row)", self.step,
                         batch.keys[:4], self.nonfinite_run)
             if self.nonfinite_run >= self.cfg.run.max_nonfinite:
+                self.scalars.add({"train/nonfinite_total": self.nonfinite_total}, self.step)  # seen before the abort
+                self.scalars.close()
                 raise NonFiniteLoss(
                     f"{self.nonfinite_run} non-finite losses in a row at step {self.step}: look at the learning rate "
                     f"(optim.blr / optim.lr, warmup), engine.precision (fp16 overflows; try bf16 or fp32), "
                     f"optim.clip_grad, and the data ('loss/*' and 'data/faults' in TensorBoard)")
             return False
         self.nonfinite_run = 0
+        if self.cfg.run.record_keys:
+            self._record_keys(batch.keys)
         self.engine.backward(out.loss)
         if self.engine.at_boundary():
             self.engine.set_schedule(float(self.schedules["lr"][self.step]), float(self.schedules["wd"][self.step]))
@@ -224,6 +239,13 @@ class Trainer:
         window["micro"] += 1
         window["clips"] += batch.size
         return True
+
+    def _record_keys(self, keys: list[str]) -> None:
+        """run.record_keys: this rank's sample keys per micro-step (what the fault tests compare)."""
+        path = self.run_dir / "keys" / f"rank{self.rank}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            f.write(json.dumps({"step": self.step, "keys": list(keys)}) + "\n")
 
     def _measure_flops(self, batch) -> float:
         """Training FLOPs per clip (forward x3), counted once on the first batch."""

@@ -22,6 +22,7 @@ class RunConfig:
     auto_resume: bool = False
     max_nonfinite: int = 20  # consecutive non-finite losses before the run stops
     peak_tflops: float = 0.0  # per-device peak for MFU; 0 = from the device table (GPU) / not logged (CPU)
+    record_keys: bool = False  # debug: each rank appends the sample keys of every micro-step to keys/rank<r>.jsonl
 
 
 @dataclass

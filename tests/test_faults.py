@@ -1,0 +1,91 @@
+"""Stop paths a cluster user meets (docs/RELIABILITY.md): every signal path ends in one checkpoint whose resume gives
+bitwise the uninterrupted run's final weights and the same per-step sample keys (0 lost, 0 repeated)."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from conftest import ROOT, TINY, free_port, launch, overrides
+
+STEPS = 14
+COMMON = ["engine.zero_stage=1", f"run.max_steps={STEPS}", "run.log_every=1", "run.record_keys=true"]
+
+
+def _args(shards, out, name, *extra):
+    return ["--config", "tiny_mae", *overrides(*TINY, *COMMON, f"data.train={shards}", f"run.out_dir={out}",
+                                                 f"run.name={name}", *extra)]
+
+
+def _keys(run_dir):
+    return {p.name: [json.loads(line) for line in p.read_text().splitlines()]
+            for p in sorted((run_dir / "keys").glob("rank*.jsonl"))}
+
+
+@pytest.fixture(scope="module")
+def straight(shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight")
+    launch(_args(shards, out, "straight"))
+    return torch.load(out / "straight" / "final_model.pt"), _keys(out / "straight")
+
+
+def _launcher(kind: str, args: list[str]) -> list[str]:
+    if kind == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                str(free_port()), str(ROOT / "pretrain.py"), *args]
+    runner = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
+    return [runner, "--num_gpus", "2", "--master_port", str(free_port()), str(ROOT / "pretrain.py"), *args]
+
+
+def _targets(proc: subprocess.Popen, path: str) -> list[int]:
+    """The pids the signal goes to on this path."""
+    tree = psutil.Process(proc.pid).children(recursive=True)
+    if path == "node_launcher_term":
+        return [p.pid for p in tree if "deepspeed.launcher.launch" in " ".join(p.cmdline())]
+    if path == "torchrun_term":
+        return [proc.pid]
+    scripts = [p for p in tree if "pretrain.py" in " ".join(p.cmdline())
+               and "deepspeed.launcher.launch" not in " ".join(p.cmdline())]
+    ranks = [p for p in scripts if p.ppid() not in {q.pid for q in scripts}]  # not their forked data workers
+    assert len(ranks) == 2, [p.cmdline() for p in tree]
+    return [p.pid for p in ranks if p.environ().get("LOCAL_RANK") == "1"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", ["rank1_usr1", "group_sigint", "node_launcher_term", "torchrun_term"])
+def test_every_stop_path_resumes_bitwise_with_the_same_keys(shards, tmp_path, straight, path):
+    want_weights, want_keys = straight
+    kind = "torchrun" if path.startswith("torchrun") else "deepspeed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(_launcher(kind, _args(shards, tmp_path, "cut")), cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "step 3/" in line:
+            if path == "group_sigint":  # Ctrl-C in the terminal: the whole foreground process group
+                os.killpg(proc.pid, signal.SIGINT)
+            else:
+                sig = signal.SIGUSR1 if path.endswith("usr1") else signal.SIGTERM
+                for pid in _targets(proc, path):
+                    os.kill(pid, sig)
+            break
+    out = "".join(seen) + proc.stdout.read()
+    proc.wait(timeout=120)
+    assert "checkpointing at step" in out, out[-4000:]
+    assert out.count("checkpoint step") >= 1
+    run_dir = tmp_path / "cut"
+    latest = int((run_dir / "checkpoints" / "latest").read_text().removeprefix("step"))
+    assert 3 <= latest < STEPS, latest
+    assert not (run_dir / "final_model.pt").exists()
+    launch(["--auto-resume", *_args(shards, tmp_path, "cut")])
+    got = torch.load(run_dir / "final_model.pt")
+    for k in want_weights:
+        torch.testing.assert_close(got[k], want_weights[k], rtol=0, atol=0, msg=k)
+    assert _keys(run_dir) == want_keys  # per rank, per micro-step: nothing lost, nothing trained twice
