@@ -15,6 +15,7 @@ import torch
 
 from .config import ConfigError, load_config, save_config, to_yaml
 from .config.schema import Config
+from .config.validate import check_environment
 from .data.build import build_loader
 from .engine import dist
 from .engine.checkpoint import rng_state, set_rng_state
@@ -30,7 +31,8 @@ class NonFiniteLoss(RuntimeError):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="pretrain.py", description="Self-supervised video pretraining (vssl_ds).")
+    p = argparse.ArgumentParser(prog="pretrain.py", description="Self-supervised video pretraining (vssl_ds).",
+                                allow_abbrev=False)  # a mistyped flag is an error, never a prefix match
     p.add_argument("--config", default="tiny_mae", help="recipe name (see --list-recipes) or path to a .yaml")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one field, e.g. --set optim.blr=3e-4 (repeatable)")
@@ -322,6 +324,11 @@ def main(argv=None) -> int:
     if args.print_config:
         print(to_yaml(cfg))
         return 0
+    try:
+        check_environment(cfg)  # files, run folder, precision: before any process group or DeepSpeed work
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
     device = start_process(cfg)
     ensure_default_data(cfg)
     run_dir = open_run_dir(cfg)

@@ -16,12 +16,10 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .schema import CHOICES, Config
+from .errors import ConfigError  # noqa: F401  (re-exported)
+from .validate import check_values
 
 INHERIT_KEY = "inherit"  # a recipe's parent: another recipe name or a path relative to the recipe
-
-
-class ConfigError(ValueError):
-    """A configuration problem, phrased for the person who wrote the recipe or the override."""
 
 
 def recipe_dir() -> Path:
@@ -145,6 +143,7 @@ def load_config(recipe: str | None = None, overrides: list[str] | tuple = ()) ->
         cfg = _merge(cfg, _nest(key, value), f"--set {item}")
     obj: Config = OmegaConf.to_object(cfg)
     _check_choices(obj)
+    check_values(obj)
     return obj
 
 
