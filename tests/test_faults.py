@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -89,3 +90,67 @@ def test_every_stop_path_resumes_bitwise_with_the_same_keys(shards, tmp_path, st
     for k in want_weights:
         torch.testing.assert_close(got[k], want_weights[k], rtol=0, atol=0, msg=k)
     assert _keys(run_dir) == want_keys  # per rank, per micro-step: nothing lost, nothing trained twice
+
+
+def _single(shards_arg, out, *extra, timeout=120):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, str(ROOT / "pretrain.py"), "--config", "tiny_mae",
+           *overrides(*TINY, f"data.train={shards_arg}", f"run.out_dir={out}", "run.name=r", "run.max_steps=4", *extra)]
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return proc, time.monotonic() - t0
+
+
+def _copy_shards(shards, dest):
+    dest.mkdir()
+    for f in shards.parent.iterdir():
+        shutil.copy(f, dest / f.name)
+    return dest / "manifest.json"
+
+
+@pytest.mark.slow
+def test_no_data_is_an_error_never_a_hang(shards, tmp_path):
+    """Empty manifest, every shard missing, every shard unreadable, too few samples for one batch per worker:
+    the run stops within 60 s, non-zero, saying how many shards were listed and how many could be read."""
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps({"shards": []}))
+    proc, _ = _single(empty, tmp_path)
+    assert proc.returncode != 0 and "0 listed" in proc.stdout + proc.stderr, proc.stdout[-2000:]
+
+    gone = _copy_shards(shards, tmp_path / "gone")
+    for tar in gone.parent.glob("*.tar"):
+        tar.unlink()
+    proc, _ = _single(gone, tmp_path)
+    assert proc.returncode != 0 and "none of the 8 shards" in proc.stdout + proc.stderr, proc.stdout[-2000:]
+
+    broken = _copy_shards(shards, tmp_path / "broken")
+    for tar in broken.parent.glob("*.tar"):
+        tar.write_bytes(b"not a tar file" * 100)
+    proc, seconds = _single(broken, tmp_path, timeout=90)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 4 and "ended before its first step" in out and "8 shards listed" in out, out[-3000:]
+    assert seconds < 60 and "Traceback" not in out
+
+    proc, seconds = _single(shards, tmp_path, "data.batch_size=6", "data.num_workers=2", "run.name=small")
+    out = proc.stdout + proc.stderr  # 32 clips over 2 workers at batch 6 train; at 20 per worker they do not
+    assert proc.returncode == 0, out[-3000:]
+    proc, seconds = _single(shards, tmp_path, "data.batch_size=20", "data.num_workers=2", "run.name=tiny")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 4 and "needs at least 20 readable samples" in out and seconds < 60, out[-3000:]
+
+
+@pytest.mark.slow
+def test_some_missing_shards_are_logged_once_and_counted(shards, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    part = _copy_shards(shards, tmp_path / "part")
+    missing = sorted(part.parent.glob("*.tar"))[:2]
+    for tar in missing:
+        tar.unlink()
+    proc, _ = _single(part, tmp_path, "run.max_steps=8", "run.log_every=2", "data.num_workers=1")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert out.count("2 of 8 shards listed") == 1 and all(out.count(t.name) == 1 for t in missing), out[-3000:]
+    acc = EventAccumulator(str(tmp_path / "r" / "tb"))
+    acc.Reload()
+    assert [e.value for e in acc.Scalars("data/faults")][-1] >= 2

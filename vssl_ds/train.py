@@ -17,6 +17,7 @@ from .config import ConfigError, load_config, save_config, to_yaml
 from .config.schema import Config
 from .config.validate import check_environment
 from .data.build import build_loader
+from .data.shards import DataError
 from .engine import dist
 from .engine.checkpoint import rng_state, set_rng_state
 from .engine.schedules import build_schedules, global_batch
@@ -85,11 +86,11 @@ class Trainer:
         self.run_dir = Path(cfg.run.out_dir) / cfg.run.name
         self.ckpt_dir = self.run_dir / "checkpoints"
         d = cfg.data
-        self.loader, samples = build_loader(d, *mask_fns(cfg), self.rank, self.world, cfg.run.seed, *cache_targets(cfg))
+        self.loader, self.samples = build_loader(d, *mask_fns(cfg), self.rank, self.world, cfg.run.seed, *cache_targets(cfg))
 
         self.accum = cfg.engine.grad_accum
         self.global_batch, self.global_videos = global_batch(d.batch_size, d.repeats, self.world, self.accum)
-        self.steps_per_epoch = max(samples // self.global_videos, 1)
+        self.steps_per_epoch = max(self.samples // self.global_videos, 1)
         self.total_steps = cfg.run.max_steps or cfg.run.epochs * self.steps_per_epoch
         self.schedules = build_schedules(cfg.optim, self.total_steps, self.steps_per_epoch, self.global_videos)
 
@@ -135,6 +136,7 @@ class Trainer:
                  "devices x %d accumulation, precision %s, ZeRO-%d", self.total_steps, self.steps_per_epoch,
                  self.global_batch, self.global_videos, cfg.data.repeats,
                  cfg.data.batch_size, self.world, self.accum, self.engine.precision, cfg.engine.zero_stage)
+        self._fresh_epoch = not self._resumed_mid_epoch()
         self._batches = iter(self.loader)
         try:
             saved, preempted = self._loop(stop)
@@ -168,7 +170,7 @@ class Trainer:
         """Micro-steps until the end (or stop_at / a stop signal); → (last step saved, preempted)."""
         cfg = self.cfg
         window = defaultdict(float)
-        micro, last_saved = 0, self.step
+        micro, last_saved, epoch_micro = 0, self.step, 0
         tick = time.perf_counter()
         while self.step < self.total_steps:
             if micro == 0:  # between optimizer steps, before the next batch is taken from the loader (whose
@@ -187,11 +189,15 @@ class Trainer:
                 if batch is not None:
                     self._batches.close()
                     self.loader.next_epoch()
+                if self._fresh_epoch and epoch_micro == 0:  # ranks step in lockstep: none got a batch
+                    raise self._no_batch_error()
                 log.info("epoch %d done at step %d", self.loader.epoch - 1, self.step)
                 self._batches = iter(self.loader)
+                self._fresh_epoch, epoch_micro = True, 0
                 continue
             if self.flops_per_clip == 0.0 and self.peak_tflops > 0:
                 self.flops_per_clip = self._measure_flops(batch)
+            epoch_micro += 1
             if not self._micro_step(batch, window):
                 continue
             micro = (micro + 1) % self.accum
@@ -241,6 +247,22 @@ class Trainer:
         window["micro"] += 1
         window["clips"] += batch.size
         return True
+
+    def _resumed_mid_epoch(self) -> bool:
+        loader = getattr(self.loader, "videos", self.loader)
+        return bool(loader.positions)
+
+    def _no_batch_error(self) -> "DataError":
+        d, loader = self.cfg.data, getattr(self.loader, "videos", self.loader)
+        listed = len(loader.dataset.shards) + loader.missing_shards
+        faults = self.loader.fault_counts()
+        unreadable = int(faults.get("unreadable", 0))
+        workers = max(d.num_workers, 1)
+        return DataError(
+            f"epoch {self.loader.epoch - 1} ended before its first step (a rank got no batch): {listed} shards listed, {loader.missing_shards} "
+            f"missing, {unreadable} read errors; {self.samples} samples for {self.world} ranks x {workers} data workers "
+            f"at data.batch_size={d.batch_size} (each worker keeps only whole batches, so it needs at least "
+            f"{d.batch_size} readable samples per epoch). Fix the shards, or lower data.batch_size / data.num_workers")
 
     def _record_keys(self, keys: list[str]) -> None:
         """run.record_keys: this rank's sample keys per micro-step (what the fault tests compare)."""
@@ -332,13 +354,17 @@ def main(argv=None) -> int:
     device = start_process(cfg)
     ensure_default_data(cfg)
     run_dir = open_run_dir(cfg)
-    trainer = Trainer(cfg, device)
     try:
+        trainer = Trainer(cfg, device)
         run_dir = trainer.fit()
     except NonFiniteLoss as e:  # every rank agreed on it (the check is all-reduced): stop cleanly
         log.error("%s", e)
         dist.shutdown()
         return 3
+    except DataError as e:  # every rank meets the same data (listing, or an epoch without a batch): stop cleanly
+        log.error("data error: %s", e)
+        dist.shutdown()
+        return 4
     if dist.rank() == 0:
         print(f"\ndone: {trainer.step} steps\n  config:      {run_dir / 'config.yaml'}\n"
               f"  tensorboard: tensorboard --logdir {run_dir / 'tb'}\n  checkpoint:  {trainer.ckpt_dir}")

@@ -2,6 +2,7 @@
 stream joined batch by batch (BEVT trains on both in every step)."""
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from pathlib import Path
 from typing import Iterator
@@ -10,8 +11,10 @@ from ..config.schema import DataConfig
 from .batch import Batch
 from .decode import decoder_order
 from .pipeline import OrderedLoader, ShardStream
-from .shards import resolve_shards, samples_per_epoch
+from .shards import DataError, present_shards, resolve_shards, samples_per_epoch
 from .views import View
+
+log = logging.getLogger(__name__)
 
 
 def view_from(d: DataConfig, kind: str | None = None) -> View:
@@ -23,16 +26,23 @@ def view_from(d: DataConfig, kind: str | None = None) -> View:
 def stream(d: DataConfig, spec: str, view: View, batch_size: int, mask_fn, rank: int, world: int,
            seed: int, cache_targets=(), cache_sub: str = "") -> tuple[OrderedLoader, int]:
     """→ (loader, samples per epoch over all ranks)."""
-    shards = resolve_shards(spec)
+    shards, missing = present_shards(resolve_shards(spec), spec)
+    if missing and rank == 0:  # logged once per run (not once per worker and epoch), counted in data/faults
+        log.warning("%d of %d shards listed by '%s' are missing and are left out: %s", len(missing),
+                    len(shards) + len(missing), spec, ", ".join(s.url for s in missing))
     samples = d.epoch_size or samples_per_epoch(shards, 0)  # errors when neither says how long an epoch is
+    if samples <= 0:
+        raise DataError(f"'{spec}' lists {len(shards)} readable shards with 0 samples: nothing to train on")
     cache = ""
     if cache_targets:
         if not d.targets:
-            raise ValueError("cached teacher targets need data.targets (the folder tools/cache_teachers.py wrote)")
+            raise DataError("cached teacher targets need data.targets (the folder tools/cache_teachers.py wrote)")
         cache = str((Path(d.targets).parent if d.targets.endswith(".json") else Path(d.targets)) / cache_sub)
     ds = ShardStream(shards, view, batch_size, mask_fn, rank, world, seed, decoder_order(d.decoder),
                      d.shuffle_buffer, d.resampled, samples, cache, cache_targets)
-    return OrderedLoader(ds, d.num_workers, d.prefetch, d.pin_memory), samples
+    loader = OrderedLoader(ds, d.num_workers, d.prefetch, d.pin_memory)
+    loader.missing_shards = len(missing)
+    return loader, samples
 
 
 class JointLoader:
@@ -87,12 +97,12 @@ def build_loader(d: DataConfig, mask_fn, image_mask_fn, rank: int, world: int, s
                  image_cache_targets=()):
     """→ (loader, samples per epoch over all ranks)."""
     if not d.train:
-        raise ValueError("data.train is empty: give a manifest.json, a brace pattern or shard URLs")
+        raise DataError("data.train is empty: give a manifest.json, a brace pattern or shard URLs")
     videos, samples = stream(d, d.train, view_from(d), d.batch_size, mask_fn, rank, world, seed, cache_targets)
     if d.image_batch_size <= 0:
         return videos, samples
     if not d.images:
-        raise ValueError("data.image_batch_size > 0 needs data.images (image shards from make_shards --kind image)")
+        raise DataError("data.image_batch_size > 0 needs data.images (image shards from make_shards --kind image)")
     images, _ = stream(d, d.images, view_from(d, "image"), d.image_batch_size, image_mask_fn, rank, world, seed + 1,
                        image_cache_targets, "images")
     return JointLoader(videos, images), samples

@@ -287,10 +287,14 @@ class OrderedLoader:
                         self.epoch)
             self.positions, self.turn = {}, 0
 
+    missing_shards = 0  # listed shard files that did not exist when the run started (left out, see build.stream)
+
     def fault_counts(self) -> Counter:
         total: Counter = Counter()
         for counts in self.faults.values():
             total.update(counts)
+        if self.missing_shards:
+            total["missing_shard"] += self.missing_shards
         return total
 
     def __iter__(self) -> Iterator[Batch]:
