@@ -154,3 +154,62 @@ def test_some_missing_shards_are_logged_once_and_counted(shards, tmp_path):
     acc = EventAccumulator(str(tmp_path / "r" / "tb"))
     acc.Reload()
     assert [e.value for e in acc.Scalars("data/faults")][-1] >= 2
+
+
+@pytest.mark.slow
+def test_disk_full_during_a_checkpoint_keeps_the_previous_one(shards, tmp_path):
+    """A small tmpfs filled up after the first checkpoint: the next save stops the run (exit 5) naming the folder
+    and the free space; `latest` still names the first checkpoint, no partial folder is left, and --auto-resume
+    continues from it once there is space again."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24M", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs on this machine")
+    try:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+        args = ["--config", "tiny_mae", *overrides(*TINY, f"data.train={shards}", f"run.out_dir={mnt}", "run.name=r",
+                                                    "run.ckpt_every=10", "run.log_every=1", "data.num_workers=1")]
+        proc = subprocess.Popen([sys.executable, str(ROOT / "pretrain.py"), *args, "--set", "run.max_steps=200"],
+                                cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        seen = []
+        for line in proc.stdout:
+            seen.append(line)
+            if "checkpoint step00000010 written" in line:
+                free = shutil.disk_usage(mnt).free
+                with open(mnt / "filler", "wb") as f:  # leave 96 KiB: logs still fit, a checkpoint does not
+                    f.write(b"\0" * max(free - 96 * 1024, 0))
+                break
+        out = "".join(seen) + proc.stdout.read()
+        assert proc.wait(timeout=120) == 5, out[-3000:]
+        ckpts = mnt / "r" / "checkpoints"
+        assert f"cannot write checkpoint step00000020 to {ckpts}" in out and "MiB free there" in out, out[-3000:]
+        assert (ckpts / "latest").read_text() == "step00000010"
+        assert not (ckpts / "step00000020").exists()
+        (mnt / "filler").unlink()
+        resumed = subprocess.run([sys.executable, str(ROOT / "pretrain.py"), *args, "--set", "run.max_steps=14",
+                                  "--auto-resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+        assert resumed.returncode == 0 and "resumed at step 10" in resumed.stdout, resumed.stdout[-3000:]
+        assert (ckpts / "latest").read_text() == "step00000014"
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+@pytest.mark.slow
+def test_data_workers_die_with_their_rank(shards, tmp_path):
+    """kill -9 of a single-process run: its data-loader workers are gone within 10 s (no orphans)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    args = ["--config", "tiny_mae", *overrides(*TINY, f"data.train={shards}", f"run.out_dir={tmp_path}", "run.name=r",
+                                                "run.max_steps=100000", "run.log_every=1", "data.num_workers=2")]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "pretrain.py"), *args], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    for line in proc.stdout:
+        if "step 2/" in line:
+            break
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    assert len(workers) >= 2, workers
+    proc.kill()
+    proc.wait(timeout=30)
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive, [p.pid for p in alive]

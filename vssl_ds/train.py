@@ -351,6 +351,8 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    from .engine.deepspeed import CheckpointError
+
     device = start_process(cfg)
     ensure_default_data(cfg)
     run_dir = open_run_dir(cfg)
@@ -365,6 +367,10 @@ def main(argv=None) -> int:
         log.error("data error: %s", e)
         dist.shutdown()
         return 4
+    except CheckpointError as e:  # disk full: every rank saw the space check (all-reduced); nothing half-written
+        log.error("%s", e)
+        dist.shutdown()
+        return 5
     if dist.rank() == 0:
         print(f"\ndone: {trainer.step} steps\n  config:      {run_dir / 'config.yaml'}\n"
               f"  tensorboard: tensorboard --logdir {run_dir / 'tb'}\n  checkpoint:  {trainer.ckpt_dir}")

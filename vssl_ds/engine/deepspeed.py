@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import deepspeed
@@ -120,14 +121,44 @@ class Engine:
 
     # --- checkpoints ---------------------------------------------------------------------------
     def save(self, ckpt_dir: Path, tag: str, client_state: dict, rank_state: dict, keep_last: int) -> None:
+        """Write `tag`; `latest` moves only once every rank's files are on disk. Too little space (checked on
+        every rank first, so all ranks stop together) or a failed write → CheckpointError; the partial folder is
+        removed, the previous checkpoint and `latest` stay as they were."""
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        self.ds.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-        save_rank_state(rank_state_path(ckpt_dir, tag, dist.rank()), rank_state)
+        need = self._checkpoint_bytes(ckpt_dir)
+        free = shutil.disk_usage(ckpt_dir).free
+        (short,) = dist.any_true([free < need], self.device)
+        if short:
+            raise CheckpointError(self._disk_message(ckpt_dir, tag, f"about {need / 2**20:.1f} MiB are needed"))
+        try:
+            self.ds.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+            save_rank_state(rank_state_path(ckpt_dir, tag, dist.rank()), rank_state)
+        except (OSError, RuntimeError) as e:
+            if not _is_disk_error(e):
+                raise
+            shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+            raise CheckpointError(self._disk_message(ckpt_dir, tag, f"the write failed: {e}")) from None
         dist.barrier()  # every rank's files are on disk before `latest` moves
         if dist.rank() == 0:
             write_atomic(ckpt_dir / LATEST, tag)
             prune(ckpt_dir, keep_last, protect=tag)
         dist.barrier()
+
+    def _checkpoint_bytes(self, ckpt_dir: Path) -> int:
+        """This rank's share of a checkpoint: the size of the last one written, else weights + AdamW moments."""
+        tag = read_latest(ckpt_dir)
+        if tag and (ckpt_dir / tag).is_dir():
+            files = [f for f in (ckpt_dir / tag).iterdir() if f.is_file()]
+            return int(sum(f.stat().st_size for f in files) / max(dist.world(), 1) * 1.05)
+        params = sum(getattr(p, "ds_numel", p.numel()) for p in self.ds.module.parameters())
+        return params * 4 * 4 // max(dist.world(), 1)  # fp32 weights, master copy, two moments
+
+    @staticmethod
+    def _disk_message(ckpt_dir: Path, tag: str, what: str) -> str:
+        free = shutil.disk_usage(ckpt_dir).free / 2**20
+        return (f"cannot write checkpoint {tag} to {ckpt_dir}: {what}, {free:.1f} MiB free there. The previous "
+                f"checkpoint ({read_latest(ckpt_dir) or 'none'}) and 'latest' are untouched: free space (or lower "
+                f"run.keep_last, or move run.out_dir), then rerun with --auto-resume")
 
     def load(self, ckpt_dir: Path) -> tuple[dict, dict] | None:
         """Restore the newest complete checkpoint: (client_state, this rank's state), or None if there is none."""
@@ -142,6 +173,23 @@ class Engine:
         if not rank_state:
             log.warning("%s is missing (different world size?): RNG and data position start afresh", rank_file)
         return client_state or {}, rank_state
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (disk full, quota): the run stops, the previous checkpoint stays."""
+
+
+def _is_disk_error(e: BaseException) -> bool:
+    import errno
+
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            return True
+        text = str(e).lower()
+        if "no space left" in text or "file write failed" in text or "quota" in text:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def consolidated_weights(tag_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
