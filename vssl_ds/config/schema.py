@@ -249,7 +249,7 @@ CHOICES = {
     "model.attn_backend": ("auto", "xformers", "sdpa", "math"),
     "model.swin_index": ("official", "window"),
     "model.swin_image_path": ("auto", "official", "video"),
-    "method.name": ("mae", "mvd", "bevt", "lstcl", "vicmae", "iboot", "finetune", "linear", "attentive"),
+    "method.name": ("mae", "mvd", "bevt", "lstcl", "vicmae", "iboot", "finetune", "linear", "attentive", "knn"),
     "eval.pool": ("auto", "mean", "cls"),
     "method.iboot.teacher_pool": ("cls", "mean"),
     "method.iboot.targets": ("online", "cache"),
