@@ -86,8 +86,9 @@ def test_nonfinite_losses_stop_the_run_with_advice(shards, tmp_path):
     proc = _single(shards, tmp_path, "optim.lr=1e30", "optim.warmup_steps=0", "run.max_nonfinite=3",
                    "run.max_steps=50", "run.name=nan")
     out, _ = proc.communicate(timeout=180)
-    assert proc.returncode != 0
+    assert proc.returncode == 3
     assert "non-finite losses in a row" in out and "optim.clip_grad" in out, out[-3000:]
+    assert _scalars(tmp_path / "nan", "train/nonfinite_total")[-1] == 3  # written before the abort
 
 
 def test_embedded_default_writes_its_shards_and_trains(tmp_path):
