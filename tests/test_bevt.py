@@ -132,7 +132,8 @@ def test_bevt_runs_with_two_deepspeed_ranks(shards, image_shards, kmeans_file, t
             "optim.warmup_epochs=0", "optim.warmup_steps=2", "run.log_every=2", "run.ckpt_every=0", "run.max_steps=6",
             "engine.grad_accum=1", f"data.train={shards}", f"run.out_dir={tmp_path}", "run.name=bevt"]
     launch(["--config", "bevt_swin_b", *overrides(*sets)])
-    check_run(tmp_path / "bevt", ("train/loss", "loss/video_tokens", "loss/image_tokens"), points=3)
+    check_run(tmp_path / "bevt", ("train/loss", "loss/video_tokens", "loss/image_tokens", "acc/video_tokens",
+                                  "acc/image_tokens"), points=3)  # token accuracies reach TensorBoard too
 
 
 def test_recipe_batch_per_update_is_the_official_one():

@@ -282,7 +282,7 @@ class Trainer:
 
     def _log(self, window, seconds: float) -> None:
         n = max(window["micro"], 1)
-        names = sorted(k for k in window if k == "loss" or k.startswith("loss/"))
+        names = sorted(k for k in window if k == "loss" or k.startswith(("loss/", "acc/")))  # BEVT: token accuracy
         totals = torch.tensor([window[k] / n for k in names] + [window["clips"]], device=self.device)
         if self.world > 1:
             torch.distributed.all_reduce(totals)
