@@ -124,3 +124,53 @@ def test_image_folder_to_shards(image_shards):
     manifest = json.loads(image_shards.read_text())
     assert manifest["kind"] == "image" and manifest["total"] == 20 and len(manifest["shards"]) == 2
     assert manifest["classes"] == ["cross", "disc", "ring", "square"]
+
+
+def test_one_class_list_across_splits(tmp_path, capsys):
+    """The 10.53 % case: a val split without one class, numbered on its own, shifts every later id. make_shards
+    --classes keeps the train ids; evaluation refuses manifests whose class lists differ, naming both."""
+    import tarfile
+
+    from vssl_ds.data.synthetic import SHAPES, encode_mp4, render_clip
+    from vssl_ds.eval.run import knn
+    from vssl_ds.tools.make_shards import main as make_shards
+
+    rng = np.random.default_rng(0)
+    names = sorted(SHAPES[:3])  # ids 0, 1, 2 by name
+    rows = {"train": [], "val": []}
+    for split, keep in (("train", names), ("val", [names[0], names[2]])):  # val lacks the middle class
+        for k, name in enumerate(keep):
+            for j in range(2):
+                path = tmp_path / "src" / split / name / f"{j}.mp4"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(encode_mp4(render_clip(rng, SHAPES.index(name), 12, 32)))
+                rows[split].append(f"{path},{name}")
+    for split in rows:
+        (tmp_path / f"{split}.csv").write_text("\n".join(rows[split]) + "\n")
+    base = ["--copy", "--workers", "1"]
+    assert make_shards([str(tmp_path / "train.csv"), str(tmp_path / "train"), *base]) == 0
+    assert make_shards([str(tmp_path / "val.csv"), str(tmp_path / "val_own"), *base]) == 0
+    train, own = tmp_path / "train" / "manifest.json", tmp_path / "val_own" / "manifest.json"
+    assert json.loads(own.read_text())["classes"] == [names[0], names[2]]  # per-split numbering: the trap
+    capsys.readouterr()
+    sets = ["--set", f"data.train={train}", "--set", f"eval.val={own}", "--set", f"run.out_dir={tmp_path}",
+            "--set", "eval.weights="]  # a random-init baseline: no export needed
+    assert knn(["--config", "tiny_knn", *sets]) == 2
+    err = capsys.readouterr().err
+    assert "class list differs" in err and str(train) in err and str(own) in err and repr(names[2]) in err, err
+
+    fixed = tmp_path / "val_fixed"
+    assert make_shards([str(tmp_path / "val.csv"), str(fixed), *base, "--classes", str(train)]) == 0
+    assert json.loads((fixed / "manifest.json").read_text())["classes"] == list(names)
+    labels = {}
+    for tar_path in fixed.glob("*.tar"):
+        with tarfile.open(tar_path) as tar:
+            for m in tar.getmembers():
+                if m.name.endswith(".json"):
+                    meta = json.loads(tar.extractfile(m).read())
+                    labels[meta.get("path", m.name)] = meta["label"]
+    assert sorted(set(labels.values())) == [0, 2], labels  # the third class keeps id 2, not 1
+    (tmp_path / "list.txt").write_text("\n".join(names[:2]) + "\n")  # a list without a class the CSV names
+    assert make_shards([str(tmp_path / "val.csv"), str(tmp_path / "bad"), *base, "--classes",
+                        str(tmp_path / "list.txt")]) == 2
+    assert repr(names[2]) in capsys.readouterr().err

@@ -3,6 +3,7 @@ or images. Turned into an ordered list of `Item`s; the order fixes which shard e
 from __future__ import annotations
 
 import csv
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,12 +32,46 @@ def kind_of(path: str | Path) -> str | None:
     return "video" if ext in VIDEO_EXTS else "image" if ext in IMAGE_EXTS else None
 
 
-def from_folder(root: Path, kind: str) -> tuple[list[Item], list[str]]:
-    """Class per immediate subfolder (sorted → label); files directly under `root` get label -1."""
+def load_classes(path: Path) -> list[str]:
+    """A class list: a manifest.json (its "classes") or a text file with one class name per line."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ValueError(f"cannot read class list '{path}': {e}") from e
+    if str(path).endswith(".json"):
+        try:
+            classes = json.loads(text).get("classes")
+        except (json.JSONDecodeError, AttributeError):
+            classes = None
+        if not classes:
+            raise ValueError(f"'{path}' has no 'classes' list (a manifest written by make_shards has one)")
+        return [str(c) for c in classes]
+    classes = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    if not classes or len(set(classes)) != len(classes):
+        raise ValueError(f"class list '{path}' is empty or names a class twice")
+    return classes
+
+
+def _fixed_labels(classes: list[str], seen: list[str], where: str) -> dict[str, int]:
+    label_of = {c: i for i, c in enumerate(classes)}
+    unknown = sorted(set(seen) - set(label_of) - {str(i) for i in range(len(classes))})
+    if unknown:
+        raise ValueError(f"{where}: class {unknown[0]!r} is not in the given class list ({len(classes)} classes: "
+                         f"{', '.join(classes[:5])}{', …' if len(classes) > 5 else ''}); add it to the list")
+    return {**{str(i): i for i in range(len(classes))}, **label_of}
+
+
+def from_folder(root: Path, kind: str, classes: list[str] | None = None) -> tuple[list[Item], list[str]]:
+    """Class per immediate subfolder (sorted → label, or the ids of `classes`); files directly under `root`
+    get label -1."""
     if not root.is_dir():
         raise ValueError(f"input folder '{root}' does not exist")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    label_of = {c: i for i, c in enumerate(classes)}
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if classes is None:
+        classes = folders
+        label_of = {c: i for i, c in enumerate(classes)}
+    else:  # a fixed list: a split lacking a class keeps everyone else's ids
+        label_of = _fixed_labels(classes, folders, f"input folder '{root}'")
     files = sorted(p for p in root.rglob("*") if p.is_file() and kind_of(p) == kind)
     items = []
     for i, f in enumerate(files):
@@ -48,9 +83,10 @@ def from_folder(root: Path, kind: str) -> tuple[list[Item], list[str]]:
     return items, classes
 
 
-def from_csv(path: Path, root: Path | None = None) -> tuple[list[Item], list[str]]:
+def from_csv(path: Path, root: Path | None = None, classes: list[str] | None = None) -> tuple[list[Item], list[str]]:
     """Rows `path,label[,start,end]`, an optional header row starting with `path`. Labels are integers or
-    class names (names are sorted → integers). Relative paths resolve against `root` (default: the CSV's folder)."""
+    class names (names are sorted → integers, or take their id in `classes` when a fixed list is given, so that
+    every split numbers classes alike). Relative paths resolve against `root` (default: the CSV's folder)."""
     root = root or path.parent
     try:
         rows = [r for r in csv.reader(path.read_text().splitlines()) if r and not r[0].startswith("#")]
@@ -75,7 +111,9 @@ def from_csv(path: Path, root: Path | None = None) -> tuple[list[Item], list[str
         raise ValueError(f"CSV '{path}' has no rows")
     labels = [r[1] for r in parsed if r[1] != ""]
     numeric = all(re.fullmatch(r"-?\d+", s) for s in labels)
-    if numeric:
+    if classes is not None:
+        label_of = _fixed_labels(classes, labels, f"CSV '{path}'")
+    elif numeric:
         classes = [str(i) for i in range(max((int(s) for s in labels), default=-1) + 1)]
         label_of = {s: int(s) for s in labels}
     else:

@@ -23,7 +23,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..data.encode import EncodeOptions, SourceError, make_sample
-from ..data.sources import Item, from_csv, from_folder, kind_of
+from ..data.sources import Item, from_csv, from_folder, kind_of, load_classes
 
 PROGRESS, MANIFEST, FAILURES = "progress.jsonl", "manifest.json", "failures.jsonl"
 
@@ -43,6 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("out", help="output folder for the shards, manifest.json and failures.jsonl")
     p.add_argument("--kind", choices=["auto", "video", "image"], default="auto")
     p.add_argument("--root", help="CSV only: folder that relative paths are relative to (default: the CSV's)")
+    p.add_argument("--classes", default="", help="fixed class list: a text file (one name per line) or another "
+                   "split's manifest.json; every split made with it numbers classes alike (default: this input's own)")
     p.add_argument("--prefix", default="train", help="shard names: PREFIX-000000.tar")
     p.add_argument("--shard-size", type=parse_size, default=parse_size("512MB"), help="target bytes per shard")
     p.add_argument("--max-per-shard", type=int, default=10000, help="at most this many samples per shard")
@@ -128,8 +130,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     src, out = Path(args.src), Path(args.out)
     try:
-        items, classes = from_csv(src, Path(args.root) if args.root else None) if src.suffix.lower() == ".csv" \
-            else from_folder(src, "image" if args.kind == "image" else "video")
+        fixed = load_classes(Path(args.classes)) if args.classes else None
+        items, classes = from_csv(src, Path(args.root) if args.root else None, fixed) if src.suffix.lower() == ".csv" \
+            else from_folder(src, "image" if args.kind == "image" else "video", fixed)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
