@@ -109,3 +109,30 @@ def test_every_shipped_recipe_passes_validation():
 
     for name in list_recipes():
         load_config(name)
+
+
+def test_a_run_folder_with_checkpoints_is_never_silently_reused(tmp_path, capsys, monkeypatch):
+    from vssl_ds.config import load_config
+    from vssl_ds.train import open_run_dir
+
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "runs" / "tiny_mae"
+    (run / "checkpoints" / "step00000004").mkdir(parents=True)
+    (run / "checkpoints" / "latest").write_text("step00000004")
+    (run / "tb").mkdir()
+    (run / "final_model.pt").write_bytes(b"old")
+    assert main(["--config", "tiny_mae"]) == 2
+    err = capsys.readouterr().err
+    assert "run.name: the run folder" in err and "step00000004" in err and "--auto-resume" in err, err
+    assert "run.overwrite=true" in err
+    cfg = load_config("tiny_mae", ["run.overwrite=true"])  # start over: the old run's files go
+    open_run_dir(cfg)
+    assert not (run / "checkpoints").exists() and not (run / "tb").exists() and not (run / "final_model.pt").exists()
+    assert (run / "config.yaml").is_file()
+
+
+def test_only_the_embedded_default_trains_on_generated_clips(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["--config", "videomae_vit_b"]) == 2  # forgot data.train with a full-size recipe
+    err = capsys.readouterr().err
+    assert err.startswith("config error: data.train: is empty;") and "data.synthetic" in err, err

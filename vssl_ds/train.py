@@ -46,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def ensure_default_data(cfg: Config) -> None:
     """The embedded default: no data.train → write small generated shards once (rank 0), then use them."""
-    if cfg.data.train:
+    if cfg.data.train or not cfg.data.synthetic:
         return
     manifest = Path(cfg.data.synthetic_dir) / "manifest.json"
     if dist.rank() == 0 and not manifest.is_file():
@@ -282,7 +282,7 @@ class Trainer:
 
     def _log(self, window, seconds: float) -> None:
         n = max(window["micro"], 1)
-        names = sorted(k for k in window if k == "loss" or k.startswith(("loss/", "acc/")))  # BEVT: token accuracy
+        names = sorted(k for k in window if k not in ("data_time", "micro", "clips"))  # every term a method returns
         totals = torch.tensor([window[k] / n for k in names] + [window["clips"]], device=self.device)
         if self.world > 1:
             torch.distributed.all_reduce(totals)
@@ -325,8 +325,17 @@ def open_run_dir(cfg: Config) -> Path:
     """The run folder, with the fully resolved config written into it (rank 0)."""
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
     if dist.rank() == 0:
+        if cfg.run.overwrite and not cfg.run.auto_resume:  # start over: nothing of the old run stays beside the new
+            import shutil
+
+            for name in ("checkpoints", "tb", "keys", "export"):
+                shutil.rmtree(run_dir / name, ignore_errors=True)
+            for name in ("final_model.pt", "final_digests.json"):
+                (run_dir / name).unlink(missing_ok=True)
+            log.warning("run.overwrite=true: the earlier run in %s was deleted", run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
+    dist.barrier()
     return run_dir
 
 

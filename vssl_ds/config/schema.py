@@ -22,12 +22,14 @@ class RunConfig:
     auto_resume: bool = False
     max_nonfinite: int = 20  # consecutive non-finite losses before the run stops
     peak_tflops: float = 0.0  # per-device peak for MFU; 0 = from the device table (GPU) / not logged (CPU)
+    overwrite: bool = False  # start over in a run folder that holds checkpoints (deletes them and the TensorBoard logs)
     record_keys: bool = False  # debug: each rank appends the sample keys of every micro-step to keys/rank<r>.jsonl
 
 
 @dataclass
 class DataConfig:
     train: str = ""  # manifest.json, brace pattern (train-{000000..000009}.tar) or pipe: URLs
+    synthetic: bool = False  # train empty → write generated toy clips and train on them (only the embedded default)
     synthetic_dir: str = "data/synthetic"  # where the embedded default writes its shards when train is empty
     synthetic_clips: int = 64
     epoch_size: int = 0  # samples per epoch when `train` has no manifest

@@ -212,10 +212,19 @@ def check_environment(cfg: Config) -> None:
         if value and not value.startswith(("timm:", "hf:")) and not Path(value).exists():
             _fail(key, f"{value!r} does not exist", "give the path of a local file (vssl_ds never downloads)")
     train = cfg.data.train
+    if not train and not cfg.data.synthetic and md.name in PRETRAINING:
+        _fail("data.train", "is empty", "give a manifest.json, a brace pattern of shards or URLs (tools/make_shards.py "
+              "writes them); only the embedded default (tiny_mae, data.synthetic=true) trains on generated toy clips")
     if train and not any(c in train for c in "{}*") and "://" not in train and not train.startswith("pipe:"):
         if not Path(train).exists():
             _fail("data.train", f"{train!r} does not exist", "give a manifest.json, a brace pattern of shards or URLs "
                   "(tools/make_shards.py writes them)")
+    run_dir = Path(cfg.run.out_dir) / cfg.run.name
+    latest = run_dir / "checkpoints" / "latest"
+    if latest.is_file() and not cfg.run.auto_resume and not cfg.run.overwrite:
+        _fail("run.name", f"the run folder {run_dir} already holds checkpoints (latest: {latest.read_text().strip()})",
+              "add --auto-resume to continue that run, choose another run.name, or set run.overwrite=true to start "
+              "over (its checkpoints and TensorBoard logs are deleted)")
     out = Path(cfg.run.out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
