@@ -52,3 +52,25 @@ def test_print_config_shows_resolved_values(capsys):
     assert main(["--config", "tiny_mae", "--set", "run.name=x", "--print-config"]) == 0
     out = capsys.readouterr().out
     assert "name: x" in out and "mask_ratio: 0.9" in out
+
+
+@pytest.mark.parametrize("module", ["vssl_ds.train", "vssl_ds.eval.run", "vssl_ds.tools.make_shards",
+                                    "vssl_ds.tools.inspect_shards", "vssl_ds.tools.export", "vssl_ds.tools.cache_teachers",
+                                    "vssl_ds.tools.fit_tokenizer", "vssl_ds.tools.model_stats", "vssl_ds.tools.benchmark"])
+def test_every_tool_help_is_whole_and_shows_defaults(module, capsys):
+    import importlib
+
+    mod = importlib.import_module(module)
+    with pytest.raises(SystemExit) as e:
+        if module in ("vssl_ds.tools.model_stats", "vssl_ds.tools.fit_tokenizer"):
+            mod.main(["--help"])
+        elif module == "vssl_ds.tools.benchmark":
+            mod.parse_args(["gpu", "--help"])
+        else:
+            mod.parse_args(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage:" in out and "(default:" in out, out
+    doc = (mod.__doc__ or "").strip()
+    if module not in ("vssl_ds.train", "vssl_ds.tools.benchmark") and "\n\n" in doc:  # the whole description, not its first paragraph only
+        assert doc.split("\n\n")[1].strip().splitlines()[0] in out

@@ -15,6 +15,7 @@ import torch
 
 from .config import ConfigError, load_config, save_config, to_yaml
 from .config.schema import Config
+from .cli import HelpFormatter
 from .config.validate import check_environment
 from .data.build import build_loader
 from .data.shards import DataError
@@ -32,8 +33,10 @@ class NonFiniteLoss(RuntimeError):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="pretrain.py", description="Self-supervised video pretraining (vssl_ds).",
-                                allow_abbrev=False)  # a mistyped flag is an error, never a prefix match
+    p = argparse.ArgumentParser(  # prog: as called (pretrain.py, vssl-pretrain); a mistyped flag is an error, never a prefix
+        description="Self-supervised video pretraining (vssl_ds). Exit codes: 0 done (or stopped with a checkpoint), "
+                    "2 config error, 3 non-finite losses, 4 data error, 5 checkpoint not written (docs/RELIABILITY.md).",
+        formatter_class=HelpFormatter, allow_abbrev=False)
     p.add_argument("--config", default="tiny_mae", help="recipe name (see --list-recipes) or path to a .yaml")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one field, e.g. --set optim.blr=3e-4 (repeatable)")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..cli import HelpFormatter
 from ..config import ConfigError, load_config
 from ..config.schema import Config
 from ..engine import dist
@@ -32,7 +33,8 @@ RECIPES = {"finetune": "finetune_vit_b", "linear": "linear_probe", "attentive": 
 
 
 def parse_args(argv=None, mode: str | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=f"vssl-eval{' ' + mode if mode else ''}", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=f"vssl-eval{' ' + mode if mode else ''}", description=__doc__,
+                                formatter_class=HelpFormatter)
     if mode is None:
         p.add_argument("mode", choices=MODES)
     p.add_argument("--config", default="", help="recipe name or .yaml (default: the mode's recipe)")

@@ -26,10 +26,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from ..cli import HelpFormatter
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="vssl-benchmark", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="vssl-benchmark", description=__doc__,
+                                formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
     d = sub.add_parser("data", help="pipeline clips/s vs a VideoMAE-style per-file decord loader")
     d.add_argument("--workers", type=int, default=1, help="data workers per pipeline (clips/s is also given per worker)")

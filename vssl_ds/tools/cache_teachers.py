@@ -34,13 +34,15 @@ from ..data.targets import decode_targets, encode_targets
 from ..data.transforms import apply_view, normalize
 from ..engine import dist
 from ..teachers.cache import MANIFEST, bevt_fingerprint, iboot_fingerprint, mvd_fingerprint
+from ..cli import HelpFormatter
 
 JOBS = {"mvd": lambda cfg, device: Teachers(cfg, device), "bevt": lambda cfg, device: Tokenizer(cfg, device),
         "iboot": lambda cfg, device: FrameEmbeddings(cfg, device)}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="vssl-cache-teachers", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="vssl-cache-teachers", description=__doc__,
+                                formatter_class=HelpFormatter)
     p.add_argument("out", help="folder for the target shards and targets.json")
     p.add_argument("--config", required=True, help="the recipe of the student run (its teachers, views and data)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")

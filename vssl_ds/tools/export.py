@@ -15,10 +15,12 @@ from pathlib import Path
 
 from ..config import load_config
 from ..engine.checkpoint import read_latest
+from ..cli import HelpFormatter
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="vssl-export", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="vssl-export", description=__doc__,
+                                formatter_class=HelpFormatter)
     p.add_argument("checkpoint", help="a run folder, its checkpoints/ folder, or one checkpoint folder (step…)")
     p.add_argument("--out", default="", help="output .safetensors (default: <run>/export/encoder.safetensors)")
     return p.parse_args(argv)

@@ -17,20 +17,22 @@ from tqdm import tqdm
 from ..config.schema import DataConfig
 from ..data.build import stream, view_from
 from ..teachers.tokenizers import KMeansTokenizer, fit_kmeans
+from ..cli import HelpFormatter
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="vssl-fit-tokenizer", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="vssl-fit-tokenizer", description=__doc__,
+                                formatter_class=HelpFormatter)
     p.add_argument("shards", help="manifest.json / brace pattern of video or image shards")
     p.add_argument("out", help="output file (.pt) for method.bevt.tokenizer_weights")
-    p.add_argument("--codes", type=int, default=8192)
+    p.add_argument("--codes", type=int, default=8192, help="codebook size (DALL-E: 8192)")
     p.add_argument("--frames", type=int, default=20000, help="frames to sample")
     p.add_argument("--patches", type=int, default=400000, help="patches kept for clustering (random subset)")
     p.add_argument("--size", type=int, default=224, help="training input size (the tokenizer sees half of it)")
-    p.add_argument("--short-range", type=int, nargs=2, default=[256, 320])
-    p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--short-range", type=int, nargs=2, default=[256, 320], help="short side before the crop")
+    p.add_argument("--iters", type=int, default=20, help="k-means iterations")
+    p.add_argument("--workers", type=int, default=2, help="data workers")
+    p.add_argument("--seed", type=int, default=0, help="sampling and initialisation seed")
     args = p.parse_args(argv)
     d = DataConfig(train=args.shards, batch_size=8, num_frames=4, sampling_rate=4, size=args.size,
                    short_range=list(args.short_range), num_workers=args.workers, shuffle_buffer=64,

@@ -17,13 +17,15 @@ from webdataset.tariterators import tarfile_samples
 from ..data.decode import DecodeError, decode
 from ..data.shards import load_manifest, resolve_shards
 from ..data.sources import IMAGE_EXTS, VIDEO_EXTS
+from ..cli import HelpFormatter
 
 VIDEO_KEYS = tuple(e.lstrip(".") for e in sorted(VIDEO_EXTS))
 IMAGE_KEYS = tuple(e.lstrip(".") for e in sorted(IMAGE_EXTS))
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="vssl-inspect-shards", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="vssl-inspect-shards", description=__doc__,
+                                formatter_class=HelpFormatter)
     p.add_argument("shards", help="manifest.json, brace pattern or ;-joined URLs")
     p.add_argument("--sheet", default="", help="write a contact sheet PNG here")
     p.add_argument("--clips", type=int, default=12, help="samples on the contact sheet (one row each)")

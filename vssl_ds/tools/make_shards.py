@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from ..data.encode import EncodeOptions, SourceError, make_sample
 from ..data.sources import Item, from_csv, from_folder, kind_of, load_classes
+from ..cli import HelpFormatter
 
 PROGRESS, MANIFEST, FAILURES = "progress.jsonl", "manifest.json", "failures.jsonl"
 
@@ -38,7 +39,8 @@ def parse_size(text: str) -> int:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="vssl-make-shards", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="vssl-make-shards", description=__doc__,
+                                formatter_class=HelpFormatter)
     p.add_argument("src", help="a folder (one class per subfolder) or a CSV: path,label[,start,end]")
     p.add_argument("out", help="output folder for the shards, manifest.json and failures.jsonl")
     p.add_argument("--kind", choices=["auto", "video", "image"], default="auto")
@@ -55,8 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gop", type=int, default=16, help="keyframe interval in frames (random access cost)")
     p.add_argument("--crf", type=int, default=23, help="x264 quality (lower = better, bigger)")
     p.add_argument("--preset", default="veryfast", help="x264 preset")
-    p.add_argument("--jpeg-quality", type=int, default=90)
-    p.add_argument("--workers", type=int, default=max(1, (mp.cpu_count() or 2) - 1))
+    p.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality of image samples")
+    p.add_argument("--workers", type=int, default=max(1, (mp.cpu_count() or 2) - 1),
+                   help="encoding processes (default: all cores but one)")
     p.add_argument("--limit", type=int, default=0, help="only the first N inputs (trial runs)")
     return p.parse_args(argv)
 

@@ -11,10 +11,12 @@ import yaml
 
 from ..models import list_models
 from ..models.stats import model_stats
+from ..cli import HelpFormatter
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="vssl-model-stats", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="vssl-model-stats", description=__doc__,
+                                formatter_class=HelpFormatter)
     p.add_argument("--filter", default="", help="only models whose name contains this")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="constructor argument, e.g. num_frames=32")
     args = p.parse_args(argv)
