@@ -119,7 +119,28 @@ def _merge(cfg, data: dict, source: str):
         return OmegaConf.merge(cfg, data)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", "") or "?"
-        raise ConfigError(f"{source}: bad value for '{key}': {e.msg if hasattr(e, 'msg') else e}") from None
+        raise ConfigError(f"{source}: bad value for '{key}': {_readable(e, key, cfg)}") from None
+
+
+def _readable(e: OmegaConfBaseException, key: str, cfg) -> str:
+    """OmegaConf's message without its internals (full_key / reference_type / object_type lines), plus the
+    type the field wants and an example."""
+    text = str(getattr(e, "msg", e)).splitlines()[0]
+    if "AnyNode is not a ListConfig" in text:
+        text = "a list is expected"
+    try:
+        current = OmegaConf.select(cfg, key)
+    except Exception:  # noqa: BLE001  (an unknown key is reported elsewhere)
+        current = None
+    if isinstance(current, bool):
+        want = "true or false"
+    elif isinstance(current, (int, float)):
+        want = f"{'an integer' if isinstance(current, int) else 'a number'}, e.g. {current}"
+    elif current is not None and OmegaConf.is_list(current):
+        want = f"a list in brackets, e.g. {list(current)}"
+    else:
+        return text
+    return f"{text}; give {want}"
 
 
 def _check_choices(cfg: Config) -> None:
