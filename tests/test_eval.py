@@ -47,6 +47,7 @@ def test_export_round_trip_from_zero3_gives_identical_features(pretrained):
     ref.load_state_dict({k[len("encoder."):]: v for k, v in full.items() if k.startswith("encoder.")})
     x = torch.randn(2, 3, 8, 32, 32)
     assert torch.equal(model.eval()(x), ref.eval()(x))
+    assert weights.stat().st_mode & 0o044 == 0o044  # readable by the group and others (safetensors makes 0600)
 
 
 def test_exported_2d_encoder_loads_into_timm(tmp_path):

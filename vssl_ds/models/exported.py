@@ -63,10 +63,19 @@ def save_exported(model: torch.nn.Module, m, extra: dict, out: str | Path, meta:
         state["pos_embed"] = model.pos_embed.detach().float().contiguous()  # learns it) gets the same model
         arch["pos_embed"] = "learned"
     save_file(state, str(out))
+    _readable_by_group(out)  # safetensors creates 0600 files; an export is for colleagues too
     info = {"format": FORMAT, "model": arch, "extra": extra, "timm": timm_spec(model, m.name),
             "params": sum(v.numel() for v in state.values()), **meta}
     info_path(out).write_text(json.dumps(info, indent=1))
     return info
+
+
+def _readable_by_group(path: Path) -> None:
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)  # what open() would have made: rw-r--r-- under the usual 022
 
 
 def load_exported(weights: str | Path, **model_overrides) -> tuple[torch.nn.Module, dict]:
