@@ -138,7 +138,8 @@ def test_verify_reports_agreement(setup, capsys):
     capsys.readouterr()
     assert cache_main([*args, "--verify", "3"]) == 0
     out = capsys.readouterr().out
-    report = json.loads(out[out.index("{"):])
+    report = json.loads(out[out.index("{"):out.rindex("}") + 1])
+    assert report["verdict"] == "PASS" and "PASS: 3 cached views recomputed" in out
     assert report["views"] == 3 and report["img"]["cosine_min"] > 0.999 and report["vid"]["rel_err_max"] < 1e-2
     assert report["img"]["vs_fp32_rel_err_max"] < 1e-2  # the cache against the teachers wholly in fp32
 
@@ -185,3 +186,14 @@ def test_bevt_token_ids_cached_for_both_streams(shards, image_shards, tmp_path):
     a, b = cached.eval()(batch), online.eval()(batch)
     if agree == 1:  # the usual case: the cached step is the online step
         assert torch.allclose(a.loss, b.loss, atol=1e-6)
+
+
+def test_verify_verdict_fails_outside_the_thresholds():
+    from vssl_ds.tools.cache_teachers import verdict
+
+    good = {"views": 4, "img": {"cosine_min": 0.9999, "rel_err_max": 0.004, "vs_fp32_rel_err_max": 0.006}}
+    assert verdict(good)[0] == "PASS"
+    bad = {"views": 4, "img": {"cosine_min": 0.93, "rel_err_max": 0.004}, "tok": {"agree_min": 0.97}}
+    result, lines = verdict(bad)
+    assert result == "FAIL" and any(line.startswith("  FAIL img cosine_min") for line in lines)
+    assert verdict({"views": 0})[0] == "FAIL"

@@ -272,6 +272,27 @@ def verify(out: Path, cfg, teachers, count: int, seed: int = 0) -> dict:
     return {"views": done, **stats}
 
 
+# what --verify accepts: features within bf16 + fp16-storage noise, token ids mostly unchanged by bf16 autocast
+THRESHOLDS = {"cosine_min": (">=", 0.99), "rel_err_max": ("<=", 0.05), "agree_min": (">=", 0.90)}
+
+
+def verdict(report: dict) -> tuple[str, list[str]]:
+    """PASS when every recomputed view (and the fp32 run) is within THRESHOLDS of the cache → (verdict, lines)."""
+    if report.get("views", 0) == 0:
+        return "FAIL", ["FAIL: no cached view could be recomputed (empty or foreign cache?)"]
+    lines, ok = [], True
+    for name, stats in report.items():
+        if not isinstance(stats, dict):
+            continue
+        for key, value in stats.items():
+            op, limit = THRESHOLDS[key.removeprefix("vs_fp32_")]
+            good = value >= limit if op == ">=" else value <= limit
+            ok &= good
+            lines.append(f"  {'ok  ' if good else 'FAIL'} {name} {key} = {value:.4g} (needs {op} {limit})")
+    head = f"{'PASS' if ok else 'FAIL'}: {report['views']} cached views recomputed and compared"
+    return ("PASS" if ok else "FAIL"), [head, *lines]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -297,8 +318,11 @@ def main(argv=None) -> int:
     if rank == 0:
         stamp.write_text(json.dumps(teachers.fingerprint, indent=1))
     if args.verify:
-        print(json.dumps(verify(out, cfg, teachers, args.verify), indent=1))
-        return 0
+        report = verify(out, cfg, teachers, args.verify)
+        report["verdict"], lines = verdict(report)
+        print(json.dumps(report, indent=1))
+        print("\n".join(lines))
+        return 0 if report["verdict"] == "PASS" else 1
     listing = {}
     for sub, spec, view in teachers.streams:  # videos (and, for BEVT, the image stream) into OUT[/images]
         shards = resolve_shards(spec)
