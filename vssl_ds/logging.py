@@ -10,6 +10,12 @@ import torch
 
 
 def setup_console(rank: int, level: str = "INFO") -> None:
+    """Every rank logs warnings and errors; INFO only on rank 0. Third-party Python warnings (torch's
+    FutureWarnings …) are shown once, by rank 0, not repeated by every rank."""
+    if rank > 0:
+        import warnings
+
+        warnings.simplefilter("ignore")
     fmt = f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s"
     logging.basicConfig(stream=sys.stdout, format=fmt, datefmt="%H:%M:%S", force=True,
                         level=getattr(logging, level) if rank == 0 else logging.WARNING)

@@ -10,8 +10,11 @@ import os
 import shutil
 from pathlib import Path
 
-import deepspeed
 import torch
+
+if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+    os.environ["DS_ACCELERATOR"] = "cpu"  # what DeepSpeed would detect, without its notice on every rank
+import deepspeed  # noqa: E402
 
 from ..config.schema import Config
 from ..methods.base import Method
