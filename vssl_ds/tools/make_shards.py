@@ -182,7 +182,8 @@ def main(argv=None) -> int:
                 "failures": failures, "source": str(src), "options": asdict(opt), "fingerprint": fp}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
     print(f"done in {time.time() - t0:.0f}s: {manifest['total']} samples in {len(shards)} shards, "
-          f"{failures} failed inputs{f' (see {out / FAILURES})' if failures else ''}\n  manifest: {out / MANIFEST}")
+          f"{failures} failed inputs{f' (see {out / FAILURES})' if failures else ''}\n  manifest: {out / MANIFEST}\n"
+          f"  each data worker of each rank reads whole shards: enough for ranks x data.num_workers <= {len(shards)}")
     return 0
 
 
