@@ -174,3 +174,39 @@ def test_one_class_list_across_splits(tmp_path, capsys):
     assert make_shards([str(tmp_path / "val.csv"), str(tmp_path / "bad"), *base, "--classes",
                         str(tmp_path / "list.txt")]) == 2
     assert repr(names[2]) in capsys.readouterr().err
+
+
+def test_split_by_source_video_and_the_leakage_warning(tmp_path, capsys):
+    """Segments of one video never land in two splits with --split-csv; inspect_shards --against warns when two
+    shard sets share source videos."""
+    from vssl_ds.data.synthetic import SHAPES, encode_mp4, render_clip
+    from vssl_ds.tools.make_shards import main as make_shards
+
+    rng = np.random.default_rng(1)
+    rows = ["path,label,start,end"]
+    for v in range(6):  # 6 videos x 2 segments each
+        path = tmp_path / "src" / f"v{v}.mp4"
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(encode_mp4(render_clip(rng, v % 2, 50, 32)))
+        rows += [f"src/v{v}.mp4,{SHAPES[v % 2]},0,1", f"src/v{v}.mp4,{SHAPES[v % 2]},1,2"]
+    csv = tmp_path / "clips.csv"
+    csv.write_text("\n".join(rows) + "\n")
+    assert make_shards([str(csv), "--split-csv", "0.34"]) == 0
+    train, val = (tmp_path / "clips.train.csv").read_text(), (tmp_path / "clips.val.csv").read_text()
+    train_videos = {r.split(",")[0] for r in train.splitlines()[1:]}
+    val_videos = {r.split(",")[0] for r in val.splitlines()[1:]}
+    assert len(val_videos) == 2 and len(train_videos) == 4 and not train_videos & val_videos
+    assert len(val.splitlines()[1:]) == 4  # both segments of each val video
+    classes = tmp_path / "clips.classes.txt"
+    assert classes.read_text().split() == sorted({SHAPES[0], SHAPES[1]})
+    base = ["--workers", "1", "--short-side", "0", "--classes", str(classes)]
+    for split in ("train", "val"):
+        assert make_shards([str(tmp_path / f"clips.{split}.csv"), str(tmp_path / split), *base]) == 0
+    assert make_shards([str(csv), str(tmp_path / "all"), *base]) == 0
+    capsys.readouterr()
+    val_m, train_m, all_m = (str(tmp_path / s / "manifest.json") for s in ("val", "train", "all"))
+    assert inspect_shards([val_m, "--against", train_m]) == 0
+    assert "no source video shared" in capsys.readouterr().out
+    assert inspect_shards([val_m, "--against", all_m]) == 0
+    err = capsys.readouterr().err
+    assert "2 source videos appear in both" in err and "leak" in err, err

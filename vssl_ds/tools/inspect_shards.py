@@ -32,7 +32,20 @@ def parse_args(argv=None):
     p.add_argument("--frames", type=int, default=6, help="frames per row")
     p.add_argument("--thumb", type=int, default=96, help="thumbnail height in pixels")
     p.add_argument("--max-samples", type=int, default=0, help="read at most this many samples (0 = all)")
+    p.add_argument("--against", default="", help="another split's shards (e.g. val vs train): warn about source "
+                   "videos found in both (leakage: segments of one video in train and test)")
     return p.parse_args(argv)
+
+
+def sources_of(spec: str) -> dict[str, int]:
+    """Source video path → samples of a shard set (from each sample's JSON)."""
+    counts: Counter = Counter()
+    for raw in tarfile_samples([{"url": s.url} for s in resolve_shards(spec)], handler=lambda exn: True):
+        if "json" in raw:
+            source = json.loads(raw["json"]).get("source")
+            if source:
+                counts[source] += 1
+    return counts
 
 
 def _summary(values) -> str:
@@ -141,6 +154,16 @@ def main(argv=None) -> int:
         if rows:
             contact_sheet(rows, args.frames, args.thumb).save(args.sheet)
             print(f"contact sheet ({len(rows)} samples): {args.sheet}")
+    if args.against:
+        ours, theirs = sources_of(args.shards), sources_of(args.against)
+        shared = sorted(set(ours) & set(theirs))
+        if shared:
+            errors.append(f"{len(shared)} source videos appear in both {args.shards} and {args.against} "
+                          f"({sum(ours[s] for s in shared)} + {sum(theirs[s] for s in shared)} samples; first: "
+                          f"{shared[0]}): segments of one video in two splits leak; split by video "
+                          "(make_shards --split-csv)")
+        else:
+            print(f"no source video shared with {args.against} ({len(ours)} vs {len(theirs)} sources)")
     for e in errors:
         print(f"warning: {e}", file=sys.stderr)
     return 0 if seen else 1

@@ -20,6 +20,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from ..data.encode import EncodeOptions, SourceError, make_sample
@@ -42,7 +43,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="vssl-make-shards", description=__doc__,
                                 formatter_class=HelpFormatter)
     p.add_argument("src", help="a folder (one class per subfolder) or a CSV: path,label[,start,end]")
-    p.add_argument("out", help="output folder for the shards, manifest.json and failures.jsonl")
+    p.add_argument("out", nargs="?", default="", help="output folder for the shards, manifest.json and failures.jsonl")
+    p.add_argument("--split-csv", type=float, default=0.0, metavar="FRACTION",
+                   help="instead of sharding: split the CSV by source video into SRC.train.csv / SRC.val.csv (this "
+                        "fraction of the videos to val; every segment of a video lands in one split) and write "
+                        "SRC.classes.txt, the class list both splits are then made with (--classes)")
+    p.add_argument("--seed", type=int, default=0, help="--split-csv: which videos go to val")
     p.add_argument("--kind", choices=["auto", "video", "image"], default="auto")
     p.add_argument("--root", help="CSV only: folder that relative paths are relative to (default: the CSV's)")
     p.add_argument("--classes", default="", help="fixed class list: a text file (one name per line) or another "
@@ -129,9 +135,53 @@ def load_progress(out: Path, fp: str) -> list[dict]:
     return records
 
 
+def split_csv(src: Path, fraction: float, seed: int) -> tuple[Path, Path, Path]:
+    """Rows of one source video stay together (no segment of a val video in train) → (train, val, classes)."""
+    import csv as csv_module
+
+    items, classes = from_csv(src)
+    videos = sorted({i.path for i in items})
+    rng = np.random.default_rng(seed)
+    val = set(rng.permutation(videos)[:max(1, round(fraction * len(videos)))].tolist()) if videos else set()
+    lines = [r for r in csv_module.reader(src.read_text().splitlines()) if r and not r[0].startswith("#")]
+    header = lines[0] if lines and lines[0][0].strip().lower() == "path" else None
+    rows = lines[1:] if header else lines
+    root = src.parent
+    outs = {}
+    for split, keep in (("train", False), ("val", True)):
+        path = src.with_name(f"{src.stem}.{split}.csv")
+        with open(path, "w", newline="") as f:
+            w = csv_module.writer(f)
+            if header:
+                w.writerow(header)
+            for row in rows:
+                p = Path(row[0].strip())
+                if (str(p if p.is_absolute() else root / p) in val) == keep:
+                    w.writerow(row)
+        outs[split] = path
+    class_file = src.with_name(f"{src.stem}.classes.txt")
+    class_file.write_text("\n".join(classes) + "\n")
+    return outs["train"], outs["val"], class_file
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     src, out = Path(args.src), Path(args.out)
+    if args.split_csv:
+        if src.suffix.lower() != ".csv" or not 0 < args.split_csv < 1:
+            print("error: --split-csv takes a CSV source and a fraction in (0, 1)", file=sys.stderr)
+            return 2
+        try:
+            train, val, classes = split_csv(src, args.split_csv, args.seed)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"split by source video: {train}, {val}; class list {classes}\n  next: make_shards {train} OUT_TRAIN "
+              f"--classes {classes}; make_shards {val} OUT_VAL --classes {classes}")
+        return 0
+    if not args.out:
+        print("error: the output folder is missing (make_shards SRC OUT)", file=sys.stderr)
+        return 2
     try:
         fixed = load_classes(Path(args.classes)) if args.classes else None
         items, classes = from_csv(src, Path(args.root) if args.root else None, fixed) if src.suffix.lower() == ".csv" \
