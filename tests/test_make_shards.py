@@ -210,3 +210,30 @@ def test_split_by_source_video_and_the_leakage_warning(tmp_path, capsys):
     assert inspect_shards([val_m, "--against", all_m]) == 0
     err = capsys.readouterr().err
     assert "2 source videos appear in both" in err and "leak" in err, err
+
+
+def test_variable_frame_rate_segments_are_warned_about_with_frame_counts(tmp_path, capsys):
+    """A source dense for 2 s (25 fps) then sparse (1 fps): a trimmed segment in the sparse part gets far fewer
+    frames than its span should give; make_shards says so, with the counts, and how to fix it (--fps)."""
+    import fractions
+
+    import av
+
+    from vssl_ds.tools.make_shards import main as make_shards
+
+    src = tmp_path / "vfr.mp4"
+    with av.open(str(src), "w", format="mp4") as c:
+        s = c.add_stream("libx264", rate=25)
+        s.width, s.height, s.pix_fmt = 64, 64, "yuv420p"
+        s.codec_context.time_base = fractions.Fraction(1, 25)
+        for i, pts in enumerate(list(range(50)) + [50 + 25 * k for k in range(1, 9)]):
+            frame = av.VideoFrame.from_ndarray(np.full((64, 64, 3), i * 13 % 255, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = pts, fractions.Fraction(1, 25)
+            for packet in s.encode(frame):
+                c.mux(packet)
+        for packet in s.encode():
+            c.mux(packet)
+    (tmp_path / "c.csv").write_text(f"{src},a,0,2\n{src},a,4,8\n")
+    assert make_shards([str(tmp_path / "c.csv"), str(tmp_path / "out"), "--workers", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "1 segments have under half the frames" in err and "[4, 8) s:" in err and "--fps" in err, err

@@ -81,6 +81,8 @@ def reencode_video(item: Item, opt: EncodeOptions) -> tuple[bytes, dict]:
     except (av.error.FFmpegError, OSError, ValueError) as e:
         raise SourceError(f"{type(e).__name__}: {e}") from None
     meta = {"fps": float(out_rate), "frames": count, "size": list(size), "duration": count / float(out_rate)}
+    if item.end:  # a trimmed segment: how many frames its span should give at the output rate (a variable-frame-
+        meta["frames_expected"] = round((stop - item.start) * float(out_rate))  # rate source gives far fewer)
     return buf.getvalue(), meta
 
 

@@ -210,6 +210,7 @@ def main(argv=None) -> int:
           + (f" (resuming: {len(shards)} shards done, continuing at input {first})" if done else ""))
     writer = ShardWriter(out, args.prefix, args.shard_size, args.max_per_shard, len(shards))
     pending_fail: list[dict] = []
+    short: list[str] = []  # segments with under half the frames their span should give (variable frame rate)
     t0 = time.time()
     jobs = ((it, kind, opt, classes) for it in items[first:])
     with mp.Pool(args.workers) as pool, tqdm(total=len(items), initial=first, unit=kind[:3] + "s", desc="sharding",
@@ -219,6 +220,10 @@ def main(argv=None) -> int:
                 pending_fail.append({"path": item.path, "index": item.index, "error": error})
             else:
                 writer.write(sample)
+                meta = json.loads(sample["json"])
+                if meta.get("frames_expected") and meta["frames"] < 0.5 * meta["frames_expected"]:
+                    short.append(f"{item.path} [{item.start:g}, {item.end:g}) s: {meta['frames']} frames, "
+                                 f"{meta['frames_expected']} expected")
             bar.update(1)
             bar.set_postfix(shard=writer.index, failed=failures + len(pending_fail))
             last = item.index == len(items) - 1
@@ -234,6 +239,11 @@ def main(argv=None) -> int:
     print(f"done in {time.time() - t0:.0f}s: {manifest['total']} samples in {len(shards)} shards, "
           f"{failures} failed inputs{f' (see {out / FAILURES})' if failures else ''}\n  manifest: {out / MANIFEST}\n"
           f"  each data worker of each rank reads whole shards: enough for ranks x data.num_workers <= {len(shards)}")
+    if short:  # the source's declared rate does not match its timestamps (variable frame rate)
+        print(f"warning: {len(short)} segments have under half the frames their span should give at the source's "
+              f"declared rate (variable-frame-rate sources?); pass --fps to resample to a constant rate:\n  "
+              + "\n  ".join(short[:10]) + (f"\n  … and {len(short) - 10} more" if len(short) > 10 else ""),
+              file=sys.stderr)
     return 0
 
 
