@@ -94,8 +94,10 @@ def test_every_stop_path_resumes_bitwise_with_the_same_keys(shards, tmp_path, st
 
 def _single(shards_arg, out, *extra, timeout=120):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, str(ROOT / "pretrain.py"), "--config", "tiny_mae",
-           *overrides(*TINY, f"data.train={shards_arg}", f"run.out_dir={out}", "run.name=r", "run.max_steps=4", *extra)]
+    flags = [e for e in extra if e.startswith("--")]
+    sets = [e for e in extra if not e.startswith("--")]
+    cmd = [sys.executable, str(ROOT / "pretrain.py"), "--config", "tiny_mae", *flags,
+           *overrides(*TINY, f"data.train={shards_arg}", f"run.out_dir={out}", "run.name=r", "run.max_steps=4", *sets)]
     t0 = time.monotonic()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     return proc, time.monotonic() - t0
@@ -213,3 +215,15 @@ def test_data_workers_die_with_their_rank(shards, tmp_path):
     proc.wait(timeout=30)
     _, alive = psutil.wait_procs(workers, timeout=10)
     assert not alive, [p.pid for p in alive]
+
+
+@pytest.mark.slow
+def test_resume_under_other_settings_names_what_differs(shards, tmp_path):
+    """The README's trap: a ZeRO-3 run pointed at a ZeRO-1 run's folder. Not DeepSpeed's `Empty ds_version in
+    checkpoint`, but the settings that differ and what to do."""
+    proc, _ = _single(shards, tmp_path, "run.stop_at=2", "run.ckpt_every=0")
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    proc, _ = _single(shards, tmp_path, "engine.zero_stage=3", "--auto-resume")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 5 and "written with other settings (engine.zero_stage 1 → 3)" in out, out[-3000:]
+    assert "Empty ds_version" not in out and "Traceback" not in out

@@ -5,6 +5,7 @@ parameter groups; the loop sees backward / step / save / load and nothing of Dee
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -23,6 +24,7 @@ from .checkpoint import LATEST, prune, rank_state_path, read_latest, save_rank_s
 from .ds_config import build_ds_config, resolve_precision
 
 log = logging.getLogger(__name__)
+SETUP = "vssl_setup.json"  # in every checkpoint folder: the settings a resume must match
 
 
 def init_distributed(cfg: Config) -> torch.device:
@@ -76,6 +78,11 @@ class Engine:
         o = cfg.optim
         optimizer = torch.optim.AdamW(method.param_groups(o.weight_decay), lr=0.0, betas=tuple(o.betas), eps=o.eps)
         self.ds, _, _, _ = deepspeed.initialize(model=method.trainable, optimizer=optimizer, config=self.ds_config)
+        m = cfg.model
+        self.setup = {"engine.zero_stage": self.ds.zero_optimization_stage(), "engine.precision": self.precision,
+                      "world size": dist.world(), "method.name": cfg.method.name, "model.name": m.name,
+                      "model.img_size": m.img_size, "model.num_frames": m.num_frames, "model.patch": m.patch,
+                      "model.tubelet": m.tubelet}
         method.bind_student(self.ds)
         # BatchNorm statistics are buffers DeepSpeed does not synchronise: like DDP, rank 0's are broadcast after
         # every step so all ranks (and their checkpoints) agree. (Projector BNs are SyncBatchNorm on GPU.)
@@ -141,6 +148,8 @@ class Engine:
                 raise
             shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
             raise CheckpointError(self._disk_message(ckpt_dir, tag, f"the write failed: {e}")) from None
+        if dist.rank() == 0:
+            write_atomic(ckpt_dir / tag / SETUP, json.dumps(self.setup, indent=1))
         dist.barrier()  # every rank's files are on disk before `latest` moves
         if dist.rank() == 0:
             write_atomic(ckpt_dir / LATEST, tag)
@@ -156,6 +165,20 @@ class Engine:
         params = sum(getattr(p, "ds_numel", p.numel()) for p in self.ds.module.parameters())
         return params * 4 * 4 // max(dist.world(), 1)  # fp32 weights, master copy, two moments
 
+    def _check_setup(self, tag_dir: Path) -> None:
+        """A checkpoint resumes only under the settings that wrote it (DeepSpeed's own failure across ZeRO stages
+        or world sizes is `Empty ds_version in checkpoint` or a shape error): name what differs and what to do."""
+        path = tag_dir / SETUP
+        if not path.is_file():  # written before vssl_ds recorded it
+            return
+        saved = json.loads(path.read_text())
+        differ = [f"{k} {saved[k]} → {v}" for k, v in self.setup.items() if k in saved and saved[k] != v]
+        if differ:
+            raise CheckpointError(
+                f"cannot resume from {tag_dir}: it was written with other settings ({'; '.join(differ)}). Resume with "
+                f"the settings that wrote it, or start a new run (another run.name, or run.overwrite=true); "
+                f"consolidated weights of any checkpoint can start a new run: model.pretrained=<run>/final_model.pt")
+
     @staticmethod
     def _disk_message(ckpt_dir: Path, tag: str, what: str) -> str:
         free = shutil.disk_usage(ckpt_dir).free / 2**20
@@ -168,6 +191,7 @@ class Engine:
         tag = read_latest(ckpt_dir) if ckpt_dir.is_dir() else None
         if tag is None:
             return None
+        self._check_setup(ckpt_dir / tag)
         path, client_state = self.ds.load_checkpoint(str(ckpt_dir), tag=tag)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint '{ckpt_dir / tag}'")
