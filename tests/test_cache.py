@@ -137,9 +137,10 @@ def test_verify_reports_agreement(setup, capsys):
     root, _, args = setup
     capsys.readouterr()
     assert cache_main([*args, "--verify", "3"]) == 0
-    out = capsys.readouterr().out
-    report = json.loads(out[out.index("{"):out.rindex("}") + 1])
-    assert report["verdict"] == "PASS" and "PASS: 3 cached views recomputed" in out
+    captured = capsys.readouterr()
+    out = captured.out
+    report = json.loads(out[out.index("{"):])
+    assert report["verdict"] == "PASS" and "PASS: 3 cached views recomputed" in captured.err
     assert report["views"] == 3 and report["img"]["cosine_min"] > 0.999 and report["vid"]["rel_err_max"] < 1e-2
     assert report["img"]["vs_fp32_rel_err_max"] < 1e-2  # the cache against the teachers wholly in fp32
 

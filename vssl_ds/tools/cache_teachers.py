@@ -320,8 +320,8 @@ def main(argv=None) -> int:
     if args.verify:
         report = verify(out, cfg, teachers, args.verify)
         report["verdict"], lines = verdict(report)
-        print(json.dumps(report, indent=1))
-        print("\n".join(lines))
+        print(json.dumps(report, indent=1))  # stdout: the report alone, for scripts
+        print("\n".join(lines), file=sys.stderr)
         return 0 if report["verdict"] == "PASS" else 1
     listing = {}
     for sub, spec, view in teachers.streams:  # videos (and, for BEVT, the image stream) into OUT[/images]
