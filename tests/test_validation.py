@@ -65,7 +65,7 @@ BAD = [  # (recipe, overrides, the field the message must name)
     ("mvd_vit_s", ["method.mvd.image_teacher_weights=/nowhere/mae.pth"], "method.mvd.image_teacher_weights"),
     ("mvd_vit_s", ["method.mvd.image_weight=0", "method.mvd.video_weight=0"], "method.mvd.image_weight"),
     ("bevt_swin_b", ["method.bevt.mask_ratio=1.2"], "method.bevt.mask_ratio"),
-    ("bevt_swin_b", ["model.img_size=100", "data.size=100"], "model.img_size"),
+    ("bevt_swin_b", ["model.img_size=98", "data.size=98"], "model.img_size"),
     ("lstcl_mocov3_vit_b", ["method.lstcl.temperature=0"], "method.lstcl.temperature"),
     ("lstcl_mocov3_vit_b", ["method.lstcl.momentum=1.5"], "method.lstcl.momentum"),
     ("vicmae_vit_b", ["method.vicmae.temperature=-1"], "method.vicmae.temperature"),

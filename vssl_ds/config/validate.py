@@ -122,10 +122,10 @@ def _check_model(cfg: Config) -> None:
     _at_least(cfg, 0, "model.embed_dim")
     _ratio(cfg, "model.drop_path", low_open=False)
     video = not m.name.startswith("vit2d")
-    if m.name.startswith("swin"):
-        if m.img_size % 32:
-            _fail("model.img_size", f"{m.img_size} is not a multiple of 32 (Swin: 4-px patches, 3 patch merges)",
-                  "use e.g. 64, 96, 224")
+    if m.name.startswith("swin"):  # windows and patch merging pad what does not divide, as the official code
+        if m.img_size % 4:
+            _fail("model.img_size", f"{m.img_size} is not a multiple of 4 (Video Swin embeds 4-px patches)",
+                  "use e.g. 56, 64, 224")
         if m.num_frames % 2:
             _fail("model.num_frames", f"{m.num_frames} is odd; Video Swin embeds 2-frame tubelets", "use an even count")
     else:
