@@ -128,7 +128,7 @@ def test_model_pretrained_initialises_the_methods_encoder(tmp_path):
     ck = _videomae_official(src)
     encoder_only = {k: v for k, v in ck["model"].items() if k.startswith("encoder.")}
     torch.save({"model": encoder_only}, tmp_path / "ckpt.pth")
-    cfg = load_config("tiny_mae", ["model.name=vit_micro_video", "model.img_size=32", "model.patch=8",
+    cfg = load_config("tiny_mae", ["model.name=vit_micro_video", "model.img_size=32", "model.patch=8", "data.size=32",
                                    f"model.pretrained={tmp_path / 'ckpt.pth'}"])
     method = build_method(cfg)
     assert torch.equal(method.trainable.encoder.blocks[1].mlp.fc2.weight, src.blocks[1].mlp.fc2.weight)
@@ -142,7 +142,7 @@ def test_a_vssl_mae_run_is_an_mvd_video_teacher(tmp_path):
     from vssl_ds.config.loader import load_config
     from vssl_ds.methods import build_method
 
-    cfg = load_config("tiny_mae", ["model.name=vit_micro_video", "model.img_size=32", "model.patch=8"])
+    cfg = load_config("tiny_mae", ["model.name=vit_micro_video", "model.img_size=32", "model.patch=8", "data.size=32"])
     mae = build_method(cfg)
     torch.save(mae.trainable.state_dict(), tmp_path / "final_model.pt")
     teacher = build_teacher("vit_micro_video", weights=str(tmp_path / "final_model.pt"), img_size=32, num_frames=8,
