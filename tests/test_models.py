@@ -78,14 +78,18 @@ def test_attention_backends_agree(with_bias):
     assert (low.float() - ref).abs().max() < 0.1  # bf16 stays close
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="xformers needs CUDA")
-def test_xformers_agrees_with_math_on_gpu():
+def _skip_unless_xformers_runs():
     pytest.importorskip("xformers")
     from vssl_ds.models.layers.attention import xformers_unusable
 
     if xformers_unusable():
         pytest.skip(xformers_unusable())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="xformers needs CUDA")
+def test_xformers_agrees_with_math_on_gpu():
+    _skip_unless_xformers_runs()
     q, k, v = (torch.randn(2, 4, 1568, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     bias = torch.randn(1, 4, 1568, 1568, device="cuda", dtype=torch.bfloat16)
     for b in (None, bias):
@@ -227,11 +231,7 @@ def test_model_compile_trains_the_same_as_eager():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="xformers needs CUDA")
 def test_swin_through_xformers_agrees_with_math_on_gpu():
     """Relative-position bias and shift masks through xformers' kernel (bias padded to an aligned stride)."""
-    pytest.importorskip("xformers")
-    from vssl_ds.models.layers.attention import xformers_unusable
-
-    if xformers_unusable():
-        pytest.skip(xformers_unusable())
+    _skip_unless_xformers_runs()
     torch.manual_seed(0)
     x = torch.randn(1, 3, 16, 112, 112, device="cuda")
     ref = create_model("swin3d_tiny", img_size=112, num_frames=16, attn_backend="math").cuda().eval()

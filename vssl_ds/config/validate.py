@@ -193,6 +193,8 @@ def check_environment(cfg: Config) -> None:
     """Files that must exist, a writable run folder, a precision this machine has: before anything starts."""
     import torch
 
+    from ..data.shards import is_local
+
     files = [("model.pretrained", cfg.model.pretrained), ("engine.ds_config", cfg.engine.ds_config)]
     md = cfg.method
     if md.name == "mvd" and md.mvd.targets == "online":
@@ -215,7 +217,7 @@ def check_environment(cfg: Config) -> None:
     if not train and not cfg.data.synthetic and md.name in PRETRAINING:
         _fail("data.train", "is empty", "give a manifest.json, a brace pattern of shards or URLs (tools/make_shards.py "
               "writes them); only the embedded default (tiny_mae, data.synthetic=true) trains on generated toy clips")
-    if train and not any(c in train for c in "{}*") and "://" not in train and not train.startswith("pipe:"):
+    if train and not any(c in train for c in "{}*") and is_local(train):
         if not Path(train).exists():
             _fail("data.train", f"{train!r} does not exist", "give a manifest.json, a brace pattern of shards or URLs "
                   "(tools/make_shards.py writes them)")

@@ -42,7 +42,7 @@ def resolve_shards(spec: str) -> list[Shard]:
             if "url" not in entry:
                 raise DataError(f"shard manifest '{spec}': entry {i} has no 'url'")
             url = entry["url"]
-            if "://" not in url and not url.startswith("pipe:") and not Path(url).is_absolute():
+            if is_local(url) and not Path(url).is_absolute():
                 url = str(root / url)  # manifests store paths relative to themselves so shard sets can move
             shards.append(Shard(url, int(entry.get("samples", -1))))
         return shards
@@ -50,6 +50,7 @@ def resolve_shards(spec: str) -> list[Shard]:
 
 
 def is_local(url: str) -> bool:
+    """A file path (not a URL, not a `pipe:` command)."""
     return "://" not in url and not url.startswith("pipe:")
 
 
@@ -62,7 +63,8 @@ def present_shards(shards: list[Shard], spec: str) -> tuple[list[Shard], list[Sh
     if len(missing) == len(shards):
         raise DataError(f"none of the {len(shards)} shards listed by '{spec}' can be read: all {len(missing)} are "
                         f"missing (first: {missing[0].url}); check the paths, or that the shard folder is mounted")
-    return [s for s in shards if s not in set(missing)], missing
+    gone = set(missing)
+    return [s for s in shards if s not in gone], missing
 
 
 def epoch_order(shards: list[Shard], seed: int, epoch: int) -> list[Shard]:

@@ -253,7 +253,8 @@ class _EngineStep:
         self.engine.step()
 
     def close(self) -> None:
-        self.engine.ds.destroy() if hasattr(self.engine.ds, "destroy") else None
+        if hasattr(self.engine.ds, "destroy"):  # DeepSpeed >= 0.14 releases its hooks and buffers
+            self.engine.ds.destroy()
         del self.engine, self.method
         _reset(self.device)
 
