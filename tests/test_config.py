@@ -74,3 +74,17 @@ def test_every_tool_help_is_whole_and_shows_defaults(module, capsys):
     doc = (mod.__doc__ or "").strip()
     if module not in ("vssl_ds.train", "vssl_ds.tools.benchmark") and "\n\n" in doc:  # the whole description, not its first paragraph only
         assert doc.split("\n\n")[1].strip().splitlines()[0] in out
+
+
+def test_a_recipe_inherits_from_several_parents_in_order(tmp_path):
+    """`inherit: [a, b]`: b overrides a, the recipe overrides both (how the toy recipes add their parts)."""
+    (tmp_path / "part.yaml").write_text("data:\n  size: 48\n  batch_size: 3\nmodel:\n  img_size: 48\n")
+    (tmp_path / "r.yaml").write_text("inherit: [tiny_mae, part.yaml]\ndata:\n  batch_size: 5\n")
+    cfg = load_config(str(tmp_path / "r.yaml"))
+    assert (cfg.data.size, cfg.model.img_size, cfg.data.batch_size, cfg.model.name) == (48, 48, 5, "vit_tiny_video")
+    (tmp_path / "loop.yaml").write_text("inherit: [tiny_mae, loop.yaml]\n")
+    with pytest.raises(ConfigError, match="inheritance loops"):
+        load_config(str(tmp_path / "loop.yaml"))
+    (tmp_path / "bad.yaml").write_text("inherit: {a: 1}\n")
+    with pytest.raises(ConfigError, match="must be a recipe name or a list"):
+        load_config(str(tmp_path / "bad.yaml"))

@@ -136,3 +136,27 @@ def test_a_timm_teacher_gets_its_own_normalisation(tmp_path):
     with torch.no_grad():
         expect = ref.forward_features((pixels[:, :, 0] - 0.5) / 0.5)[:, 0]
     torch.testing.assert_close(got, expect, rtol=1e-4, atol=1e-5)
+
+
+def test_a_vssl_ds_teacher_takes_the_patch_of_its_weight_file(tmp_path):
+    """The README's MVD image teacher (vit2d_micro_patch16 saved at 64 px with 8-px patches) serves iBoot too: the
+    name's default 16-px patch would not load the file (the toy-size failure)."""
+    from vssl_ds.config.loader import load_config
+
+    path = tmp_path / "img_teacher.pth"
+    torch.manual_seed(3)
+    saved = create_model("vit2d_micro_patch16", img_size=64, patch=8)
+    torch.save(saved.state_dict(), path)
+    cfg = load_config("iboot_vit_b", ["model.name=vit_micro_video", "model.img_size=64", "data.size=64",
+                                      "model.num_frames=4", "data.num_frames=4", "method.iboot.teacher=vit2d_micro_patch16",
+                                      f"method.iboot.teacher_weights={path}", "method.iboot.proj_hidden=32",
+                                      "method.iboot.proj_dim=16", "method.iboot.pred_hidden=32"])
+    method = build_method(cfg)
+    teacher = method.frozen.encoder
+    assert teacher.patch_embed.proj.kernel_size == (8, 8)
+    assert all(torch.equal(a, b) for a, b in zip(teacher.state_dict().values(), saved.state_dict().values()))
+    with pytest.raises(Exception, match="8-px patches, which do not tile model.img_size=60"):
+        build_method(load_config("iboot_vit_b", ["model.name=vit_micro_video", "model.img_size=60", "data.size=60",
+                                                 "model.patch=6", "model.num_frames=4", "data.num_frames=4",
+                                                 "method.iboot.teacher=vit2d_micro_patch16",
+                                                 f"method.iboot.teacher_weights={path}"]))

@@ -9,6 +9,7 @@ import pytest
 
 from conftest import ROOT
 import vssl_ds.models  # noqa: F401  (imported once here: the 5-s budget is per input, not for importing torch)
+from vssl_ds.config import ConfigError, load_config
 from vssl_ds.train import main
 
 BAD = [  # (recipe, overrides, the field the message must name)
@@ -139,3 +140,19 @@ def test_only_the_embedded_default_trains_on_generated_clips(tmp_path, capsys, m
     assert main(["--config", "videomae_vit_b"]) == 2  # forgot data.train with a full-size recipe
     err = capsys.readouterr().err
     assert err.startswith("config error: data.train: is empty;") and "data.synthetic" in err, err
+
+
+@pytest.mark.parametrize("sets,match", [
+    (["method.bevt.min_block=16"], "min_block: is 16, more than the 8 cells"),
+    (["method.bevt.min_block=8"], "masks came out empty"),
+    (["method.bevt.image_mask_ratio=0.01", "method.bevt.min_block=1"], "image_mask_ratio: 0.01 masks no cell of the 4x4 grid"),
+])
+def test_bevt_block_masks_that_cannot_mask_at_the_input_size_are_refused(sets, match):
+    """At 64 px BEVT's 16-px cells form a 4x4 grid: the official 16-cell minimum block never fits and every loss
+    would be a mean over no token (the toy-size failure: 20 non-finite steps)."""
+    base = ["model.name=swin3d_micro", "model.img_size=64", "data.size=64", "model.num_frames=8", "data.num_frames=8",
+            "model.window=[2,4,4]",
+            "method.bevt.tokenizer=kmeans"]
+    with pytest.raises(ConfigError, match=match):
+        load_config("bevt_swin_b", [*base, *sets])
+    load_config("bevt_swin_b", [*base, "method.bevt.min_block=2"])

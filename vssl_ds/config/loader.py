@@ -19,7 +19,7 @@ from .schema import CHOICES, Config
 from .errors import ConfigError  # noqa: F401  (re-exported)
 from .validate import check_values
 
-INHERIT_KEY = "inherit"  # a recipe's parent: another recipe name or a path relative to the recipe
+INHERIT_KEY = "inherit"  # a recipe's parents: a recipe name / a path relative to the recipe, or a list of them
 
 
 def recipe_dir() -> Path:
@@ -87,11 +87,15 @@ def _recipe_chain(name_or_path: str, seen: tuple = ()) -> list[tuple[Path, dict]
         raise ConfigError(f"recipe '{path}' is not valid YAML: {e}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"recipe '{path}' must be a mapping of sections, got {type(data).__name__}")
-    parent = data.pop(INHERIT_KEY, None)
+    parents = data.pop(INHERIT_KEY, None) or []
+    if isinstance(parents, str):
+        parents = [parents]
+    if not isinstance(parents, list) or not all(isinstance(p, str) and p for p in parents):
+        raise ConfigError(f"recipe '{path}': '{INHERIT_KEY}' must be a recipe name or a list of them, got {parents!r}")
     chain = []
-    if parent:
-        local = path.parent / f"{parent}"
-        chain = _recipe_chain(str(local) if local.suffix in (".yaml", ".yml") else parent, seen + (path,))
+    for parent in parents:  # merged in order: a later parent overrides an earlier one, the recipe overrides both
+        local = path.parent / parent
+        chain += _recipe_chain(str(local) if local.suffix in (".yaml", ".yml") else parent, seen + (path,))
     return chain + [(path, data)]
 
 

@@ -146,6 +146,28 @@ def _check_model(cfg: Config) -> None:
               "that compiled blocks would bake in)", "use engine.zero_stage <= 2 with model.compile, or turn it off")
 
 
+def _check_block_masks(cfg: Config) -> None:
+    """BEVT's block masks live on the 16-px cells of the input: at a small input, 98-of-196-style settings mask
+    nothing (the loss is then a mean over no token). Refuse what cannot mask, naming the fields."""
+    import numpy as np
+
+    from ..data.masking import block_mask_2d
+
+    b, side = cfg.method.bevt, cfg.model.img_size // 16
+    for key, ratio in (("method.bevt.mask_ratio", b.mask_ratio), ("method.bevt.image_mask_ratio", b.image_mask_ratio)):
+        budget = int(round(ratio * side * side))
+        where = f"the {side}x{side} grid of 16-px cells at model.img_size={cfg.model.img_size}"
+        if budget < 1:
+            _fail(key, f"{ratio} masks no cell of {where}", "raise the ratio or model.img_size / data.size")
+        if b.min_block > budget:
+            _fail("method.bevt.min_block", f"is {b.min_block}, more than the {budget} cells {key}={ratio} masks on "
+                  f"{where}", f"set method.bevt.min_block <= {budget} (e.g. {max(1, budget // 4)}) or a larger size")
+        rng = np.random.default_rng(0)
+        if any(not block_mask_2d(side, side, budget, rng, b.min_block).any() for _ in range(16)):
+            _fail("method.bevt.min_block", f"is {b.min_block}: blocks that large do not fit {where} (masks came "
+                  f"out empty)", f"lower it (e.g. {max(1, budget // 4)}) or use a larger size")
+
+
 def _check_method(cfg: Config) -> None:
     name, md = cfg.method.name, cfg.method
     if name == "mae":
@@ -163,6 +185,7 @@ def _check_method(cfg: Config) -> None:
         _ratio(cfg, "method.bevt.image_mask_ratio")
         _at_least(cfg, 1, "method.bevt.min_block")
         _at_least(cfg, 0, "method.bevt.video_weight", "method.bevt.image_weight")
+        _check_block_masks(cfg)
     elif name == "lstcl":
         _at_least(cfg, 1, "method.lstcl.proj_hidden", "method.lstcl.proj_dim", "method.lstcl.proj_layers",
                   "method.lstcl.pred_hidden")

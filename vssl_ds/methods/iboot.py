@@ -4,15 +4,19 @@ model's global embedding of the frames of another clip of the same video, averag
 No public code: defaults are reconstructed (see IBootConfig)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+from ..config.errors import ConfigError
 from ..config.schema import Config
 from ..data.batch import Batch
 from ..models import build_encoder
 from ..models.heads import mlp_head
+from ..models.weights import stored_patch
 from ..teachers import build_teacher
 from ..teachers.cache import check_fingerprint, iboot_fingerprint, load_manifest
 from .base import Method, StepOutput
@@ -31,8 +35,25 @@ class IBootOnline(nn.Module):
 def build_image_model(cfg: Config):
     """The frozen image model of `method.iboot` (timm name or a vssl_ds 2D model + weight file)."""
     c = cfg.method.iboot
-    extra = {} if c.teacher.startswith("timm:") else {"img_size": cfg.model.img_size}
-    return build_teacher(c.teacher, c.teacher_weights, **extra)
+    return build_teacher(c.teacher, c.teacher_weights, **teacher_shape(cfg))
+
+
+def teacher_shape(cfg: Config) -> dict:
+    """The image model's arguments: frames at the clip's size, the patch size of the weight file (a vssl_ds
+    name's default patch need not be the file's); {} for a timm name (timm's own)."""
+    c = cfg.method.iboot
+    if c.teacher.startswith("timm:"):
+        return {}
+    shape = {"img_size": cfg.model.img_size}
+    if c.teacher_weights and Path(c.teacher_weights).is_file() and not c.teacher_weights.endswith(".safetensors"):
+        patch = stored_patch(c.teacher_weights)
+        if patch and cfg.model.img_size % patch:
+            raise ConfigError(f"method.iboot.teacher_weights: '{c.teacher_weights}' holds a ViT with {patch}-px "
+                              f"patches, which do not tile model.img_size={cfg.model.img_size}; use a size that "
+                              f"is a multiple of {patch}")
+        if patch:
+            shape["patch"] = patch
+    return shape
 
 
 @torch.no_grad()

@@ -30,6 +30,17 @@ class MVDStudent(nn.Module):
         return self.image_decoder(visible, mask), self.video_decoder(visible, mask)
 
 
+def teacher_shapes(cfg: Config) -> tuple[dict, dict]:
+    """The model arguments the image and the video teacher are built with ({} for a timm name: timm's own)."""
+    m, c = cfg.model, cfg.method.mvd
+    size = c.teacher_size or cfg.data.size  # only the image teacher is resized (official --teacher_input_size)
+    patch = size * m.patch // m.img_size  # the same token grid as the student (e.g. 196 / 14 = 224 / 16)
+    img = {} if c.image_teacher.startswith("timm:") else {"img_size": size, "patch": patch}
+    vid = {} if c.video_teacher.startswith("timm:") else {
+        "img_size": cfg.data.size, "num_frames": m.num_frames, "tubelet": m.tubelet, "patch": m.patch}
+    return img, vid
+
+
 class MVDTeachers(nn.Module):
     """The two frozen teachers, run on the unmasked clip (online in the step, or once by tools/cache_teachers.py).
     `image` / `video`: ready Teacher modules (build_teacher) instead of the ones the config names."""
@@ -37,13 +48,9 @@ class MVDTeachers(nn.Module):
     def __init__(self, cfg: Config, image: nn.Module | None = None, video: nn.Module | None = None):
         super().__init__()
         m, c = cfg.model, cfg.method.mvd
-        size = c.teacher_size or cfg.data.size  # only the image teacher is resized (official --teacher_input_size)
-        patch = size * m.patch // m.img_size  # the same token grid as the student (e.g. 196 / 14 = 224 / 16)
-        self.image = image or build_teacher(c.image_teacher, c.image_teacher_weights, **(
-            {} if c.image_teacher.startswith("timm:") else {"img_size": size, "patch": patch}))
-        self.video = video or build_teacher(c.video_teacher, c.video_teacher_weights, **(
-            {} if c.video_teacher.startswith("timm:") else
-            {"img_size": cfg.data.size, "num_frames": m.num_frames, "tubelet": m.tubelet, "patch": m.patch}))
+        img_shape, vid_shape = teacher_shapes(cfg)
+        self.image = image or build_teacher(c.image_teacher, c.image_teacher_weights, **img_shape)
+        self.video = video or build_teacher(c.video_teacher, c.video_teacher_weights, **vid_shape)
         self.dims = {"img": self.image.embed_dim, "vid": self.video.embed_dim}
         self.tubelet, self.teacher_size, self.norm_targets = m.tubelet, c.teacher_size, c.norm_targets
 

@@ -130,6 +130,15 @@ _SWIN_RULES = [
 ]
 
 
+def stored_patch(path: str | Path) -> int | None:
+    """The patch size of the image ViT in a weight file (its patch-embedding kernel), None when it has none."""
+    kernels = {tuple(v.shape[-2:]) for k, v in load_file(path).items()
+               if k.endswith("patch_embed.proj.weight") and v.dim() == 4}
+    if len(kernels) == 1 and len(next(iter(kernels))) == 2 and len(set(next(iter(kernels)))) == 1:
+        return next(iter(kernels))[0]
+    return None
+
+
 def _apply_rules(sd: dict, rules: list, path: str, fmt: str) -> Checkpoint:
     """Split `sd` by `rules`; a `module.` prefix (DDP / DeepSpeed wrappers) is dropped in every layout."""
     ck = Checkpoint(str(path), fmt, {})
