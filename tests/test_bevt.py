@@ -143,3 +143,40 @@ def test_recipe_batch_per_update_is_the_official_one():
     cfg = load_config("bevt_swin_b")
     accum = cfg.engine.grad_accum
     assert (cfg.data.batch_size * accum, cfg.data.image_batch_size * accum, accum) == (8, 64, 2)
+
+
+def test_image_only_stage_learns_and_initialises_the_joint_stage(kmeans_file, tmp_path):
+    """BEVT's first stage (data.view=image: image shards as data.train) trains the Swin's 2D path alone; its
+    final weights start the joint stage: the 2D patch embedding fills the image one and is inflated into the video
+    one (official inflate_weights: the 2D kernel averaged over the tubelet), every block carried over."""
+    from vssl_ds.models.weights import inflate_patch
+
+    image_stage = ["data.view=image", "data.images=", "data.image_batch_size=0"]
+    cfg = load_config("bevt_swin_b", [*TINY, f"method.bevt.tokenizer_weights={kmeans_file}", *image_stage])
+    method = build_method(cfg)
+    assert method.trainable.encoder.patch_embed is None and not hasattr(method.trainable, "fpn_s")
+    image_fn, video_fn = mask_fns(cfg)
+    assert video_fn is None
+    g = torch.Generator().manual_seed(0)
+    batch = Batch(image=torch.randn(4, 3, 64, 64, generator=g),
+                  image_mask=torch.from_numpy(np.stack([image_fn(np.random.default_rng(i)) for i in range(4)])))
+    out = method(batch)
+    assert set(out.metrics) == {"loss/image_tokens", "acc/image_tokens"} and torch.isfinite(out.loss)
+    first, last = overfit(method, batch, steps=30, lr=1e-3)
+    assert last < first - 0.1, (first, last)
+    path = tmp_path / "final_model.pt"
+    torch.save(method.trainable.state_dict(), path)  # what pretrain.py writes at the end of the stage
+
+    joint = _method(kmeans_file, f"model.pretrained={path}")
+    img_enc, enc = method.trainable.encoder, joint.trainable.encoder
+    assert torch.equal(enc.patch_embed_2d.proj.weight, img_enc.patch_embed_2d.proj.weight)
+    assert torch.allclose(enc.patch_embed.proj.weight, inflate_patch(img_enc.patch_embed_2d.proj.weight, 2))
+    assert torch.equal(enc.patch_embed.proj.bias, img_enc.patch_embed_2d.proj.bias)
+    own = dict(img_enc.named_parameters())
+    for name, p in enc.named_parameters():
+        if not name.startswith("patch_embed"):
+            assert torch.equal(p, own[name]), name
+    with pytest.raises(Exception, match="data.view=image already streams"):
+        load_config("bevt_swin_b", [*TINY, "data.view=image", "data.images=x.json"])
+    with pytest.raises(Exception, match="only BEVT's image-only stage"):
+        load_config("videomae_vit_b", ["data.view=image"])

@@ -145,18 +145,6 @@ def test_verify_reports_agreement(setup, capsys):
     assert report["img"]["vs_fp32_rel_err_max"] < 1e-2  # the cache against the teachers wholly in fp32
 
 
-@pytest.mark.slow
-def test_training_from_the_cache_with_two_deepspeed_ranks(setup, tmp_path):
-    from conftest import launch, overrides
-
-    root, sets, _ = setup
-    launch(["--config", "mvd_vit_s", *overrides(*sets, "method.mvd.targets=cache", f"data.targets={root / 'targets'}",
-                                                "engine.grad_accum=1", "run.max_steps=6", "run.log_every=2",
-                                                "run.ckpt_every=0", f"run.out_dir={tmp_path}", "run.name=cached")])
-    digests = json.loads((tmp_path / "cached" / "final_digests.json").read_text())
-    assert digests["ranks"][0] == digests["ranks"][1] and digests["step"] == 6
-
-
 def test_bevt_token_ids_cached_for_both_streams(shards, image_shards, tmp_path):
     from vssl_ds.teachers.tokenizers import fit_kmeans
 

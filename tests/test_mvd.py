@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import check_run, launch, overfit, overrides
+from conftest import overfit
 from vssl_ds.config.loader import load_config
 from vssl_ds.data.batch import Batch
 from vssl_ds.methods import build_method, mask_fns
@@ -110,18 +110,6 @@ def test_missing_teacher_weights_are_a_clear_error(teachers):
         build_method(cfg)
     with pytest.raises(ValueError, match="needs a weight file"):
         build_method(_cfg(teachers, "method.mvd.image_teacher_weights="))
-
-
-@pytest.mark.slow
-def test_mvd_runs_with_two_deepspeed_ranks(shards, teachers, tmp_path):
-    _, _, root = teachers
-    sets = [*STUDENT, "method.mvd.image_teacher=vit2d_micro_patch16",
-            f"method.mvd.image_teacher_weights={root / 'mae_image.pth'}", "method.mvd.video_teacher=vit_tiny_video",
-            f"method.mvd.video_teacher_weights={root / 'videomae.pth'}", "data.batch_size=2", "data.num_workers=1",
-            "optim.lr=2e-3", "optim.warmup_steps=2", "run.log_every=2", "run.ckpt_every=0", "run.max_steps=8",
-            "engine.grad_accum=1", f"data.train={shards}", f"run.out_dir={tmp_path}", "run.name=mvd"]
-    launch(["--config", "mvd_vit_s", *overrides(*sets)])
-    check_run(tmp_path / "mvd", ("train/loss", "loss/image_teacher", "loss/video_teacher"), points=4)
 
 
 def test_teachers_at_their_own_input_size(teachers, tmp_path):

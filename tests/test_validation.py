@@ -156,3 +156,25 @@ def test_bevt_block_masks_that_cannot_mask_at_the_input_size_are_refused(sets, m
     with pytest.raises(ConfigError, match=match):
         load_config("bevt_swin_b", [*base, *sets])
     load_config("bevt_swin_b", [*base, "method.bevt.min_block=2"])
+
+
+@pytest.mark.slow
+def test_more_ranks_than_shards_fails_before_training(shards, tmp_path):
+    """Each rank reads whole shards: with 1 shard and 2 ranks one rank would have no batch. The run stops at the
+    start with exit 4 and says how many shards are needed (it used to hang)."""
+    import json
+
+    from conftest import TINY, launch, overrides
+
+    manifest = json.loads(shards.read_text())
+    manifest["shards"] = manifest["shards"][:1]
+    manifest["total"] = manifest["shards"][0]["samples"]
+    one = shards.parent / "one_shard.json"
+    one.write_text(json.dumps(manifest))
+    start = time.monotonic()
+    proc = launch(["--config", "tiny_mae", *overrides(*TINY, f"data.train={one}", f"run.out_dir={tmp_path}",
+                                                      "run.max_steps=4")], check=False, timeout=180)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 4, out[-3000:]
+    assert "1 readable shard(s) for 2 ranks" in out and "Write at least 2 shards" in out and "data.resampled" in out
+    assert time.monotonic() - start < 120

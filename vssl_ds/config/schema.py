@@ -43,7 +43,7 @@ class DataConfig:
     shuffle_buffer: int = 256  # samples held per worker for shuffling (raw bytes: ~1 MB per 10 s clip at 320p)
     resampled: bool = False  # draw shards with replacement; the epoch length is epoch_size (or the manifest total)
     decoder: str = "decord"  # decord | pyav | torchcodec (the others serve as fallbacks)
-    view: str = "clip"  # clip | scale_crop | long_short | frame_pair | finetune (see vssl_ds/data/views.py)
+    view: str = "clip"  # clip | scale_crop | long_short | frame_pair | finetune | image (BEVT image-only stage; see data/views.py)
     repeats: int = 1  # repeated augmentation: samples drawn per video (batch_size must be a multiple)
     long_stride: int = 8  # long_short: stride of the long clip
     max_gap: int = 16  # frame_pair: most frames between the two frames
@@ -247,7 +247,7 @@ class Config:
 CHOICES = {
     "data.short_video": ("loop", "pad", "skip"),
     "data.decoder": ("decord", "pyav", "torchcodec"),
-    "data.view": ("clip", "scale_crop", "long_short", "frame_pair", "finetune"),
+    "data.view": ("clip", "scale_crop", "long_short", "frame_pair", "finetune", "image"),
     "model.attn_backend": ("auto", "xformers", "sdpa", "math"),
     "model.swin_index": ("official", "window"),
     "model.swin_image_path": ("auto", "official", "video"),

@@ -170,6 +170,9 @@ def _check_block_masks(cfg: Config) -> None:
 
 def _check_method(cfg: Config) -> None:
     name, md = cfg.method.name, cfg.method
+    if cfg.data.view == "image" and name in PRETRAINING and name != "bevt":
+        _fail("data.view", f"image streams single images, which only BEVT's image-only stage trains on (method "
+              f"{name} takes clips)", "choose another view, e.g. the recipe's")
     if name == "mae":
         _ratio(cfg, "method.mae.mask_ratio", fix="e.g. method.mae.mask_ratio=0.9 (VideoMAE)")
         _decoder(cfg, "method.mae")
@@ -186,6 +189,13 @@ def _check_method(cfg: Config) -> None:
         _at_least(cfg, 1, "method.bevt.min_block")
         _at_least(cfg, 0, "method.bevt.video_weight", "method.bevt.image_weight")
         _check_block_masks(cfg)
+        if cfg.data.view == "image":  # the image-only stage
+            if cfg.data.images or cfg.data.image_batch_size:
+                _fail("data.images", "is a second image stream, but data.view=image already streams the images of "
+                      "data.train (BEVT's image-only stage)", "set data.images='' and data.image_batch_size=0")
+            if md.bevt.targets != "online":
+                _fail("method.bevt.targets", "must be online for the image-only stage (data.view=image)",
+                      "set method.bevt.targets=online")
     elif name == "lstcl":
         _at_least(cfg, 1, "method.lstcl.proj_hidden", "method.lstcl.proj_dim", "method.lstcl.proj_layers",
                   "method.lstcl.pred_hidden")

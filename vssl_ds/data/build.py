@@ -30,6 +30,10 @@ def stream(d: DataConfig, spec: str, view: View, batch_size: int, mask_fn, rank:
     if missing and rank == 0:  # logged once per run (not once per worker and epoch), counted in data/faults
         log.warning("%d of %d shards listed by '%s' are missing and are left out: %s", len(missing),
                     len(shards) + len(missing), spec, ", ".join(s.url for s in missing))
+    if not d.resampled and len(shards) < world:  # a rank without a shard has no batch: fail now, not hang later
+        raise DataError(f"'{spec}' has {len(shards)} readable shard(s) for {world} ranks: each rank reads whole "
+                        f"shards, so {world - len(shards)} rank(s) would get nothing. Write at least {world} shards "
+                        "(tools/make_shards.py --max-per-shard / --shard-size), or set data.resampled=true")
     samples = d.epoch_size or samples_per_epoch(shards, 0)  # errors when neither says how long an epoch is
     if samples <= 0:
         raise DataError(f"'{spec}' lists {len(shards)} readable shards with 0 samples: nothing to train on")

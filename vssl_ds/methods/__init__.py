@@ -79,8 +79,10 @@ def mask_fns(cfg: Config):
     if cfg.method.name == "bevt":  # masks on 16-px cells: the grid of Swin's stage 3 and of the tokenizer
         b, m = cfg.method.bevt, cfg.model
         cells = (m.num_frames // m.tubelet, m.img_size // 16, m.img_size // 16)
-        return (partial(MASKS["block_tube"], cells, b.mask_ratio, min_block=b.min_block),
-                partial(MASKS["block"], cells[1:], b.image_mask_ratio, min_block=b.min_block))
+        image = partial(MASKS["block"], cells[1:], b.image_mask_ratio, min_block=b.min_block)
+        if cfg.data.view == "image":  # the image-only stage: data.train streams images
+            return image, None
+        return partial(MASKS["block_tube"], cells, b.mask_ratio, min_block=b.min_block), image
     if cfg.method.name == "vicmae":  # one random mask per frame of the pair, drawn together
         grid = (cfg.model.img_size // cfg.model.patch,) * 2
         return partial(_mask_pair, grid, cfg.method.vicmae.mask_ratio), None

@@ -20,14 +20,15 @@ from .base import Method, StepOutput, restore_decoders
 
 
 class BEVTStudent(nn.Module):
-    def __init__(self, encoder: nn.Module, vocab: int):
+    def __init__(self, encoder: nn.Module, vocab: int, video: bool = True):
         super().__init__()
         c4 = encoder.num_features
         c3 = encoder.stage_dims[-2]
         self.encoder = encoder
-        self.fpn_s = nn.ConvTranspose3d(c4, c4, kernel_size=(1, 2, 2), stride=(1, 2, 2))
-        self.lm_down_st = nn.Linear(c4 + c3, c4)
-        self.fpn_t = nn.ConvTranspose3d(c4, c4, kernel_size=(2, 1, 1), stride=(2, 1, 1))
+        if video:  # the image-only stage has no video head
+            self.fpn_s = nn.ConvTranspose3d(c4, c4, kernel_size=(1, 2, 2), stride=(1, 2, 2))
+            self.lm_down_st = nn.Linear(c4 + c3, c4)
+            self.fpn_t = nn.ConvTranspose3d(c4, c4, kernel_size=(2, 1, 1), stride=(2, 1, 1))
         self.fpn = nn.ConvTranspose2d(c4, c4, kernel_size=2, stride=2)
         self.lm_down = nn.Linear(c4 + c3, c4)
         self.lm_head = nn.Linear(c4, vocab)
@@ -49,8 +50,9 @@ class BEVTStudent(nn.Module):
         return self.encoder.norm(self.lm_down(rearrange(y, "b c h w -> b (h w) c")))
 
     def forward(self, video, mask, image, image_mask):
-        """→ logits per cell: video [B,T*h*w,V] (T = input frames), image [Bi,h*w,V]"""
-        return self.lm_head(self.video_features(video, mask)), self.lm_head(self.image_features(image, image_mask))
+        """→ logits per cell: video [B,T*h*w,V] (T = input frames; None without a video), image [Bi,h*w,V]"""
+        logits_img = self.lm_head(self.image_features(image, image_mask))
+        return (None if video is None else self.lm_head(self.video_features(video, mask))), logits_img
 
 
 class BEVT(Method):
@@ -62,15 +64,16 @@ class BEVT(Method):
             manifest = load_manifest(cfg.data.targets)
             check_fingerprint(manifest, bevt_fingerprint(cfg), cfg.data.targets)
             tokenizer, vocab = None, int(manifest["vocab"])
-        encoder, ck = build_encoder(m, with_checkpoint=True, image_embed=True)
+        self.image_only = cfg.data.view == "image"  # the image-only stage: data.train holds image shards
+        encoder, ck = build_encoder(m, with_checkpoint=True, image_embed=True, video_embed=not self.image_only)
         if c.targets != "cache":
             if not c.tokenizer_weights and ck is not None and "tokenizer" in ck.parts:  # BEVT's file holds its dVAE
                 tokenizer = tokenizer_from_state(c.tokenizer, ck.parts["tokenizer"], f"{ck.path} (cls_head.vae_encoder)")
             else:
                 tokenizer = build_tokenizer(c.tokenizer, c.tokenizer_weights)
             vocab = tokenizer.vocab_size
-        student = BEVTStudent(encoder, vocab)
-        if ck is not None:  # a BEVT pretraining checkpoint continues with its head (lm_down*, fpn*, lm_head)
+        student = BEVTStudent(encoder, vocab, video=not self.image_only)
+        if ck is not None and not self.image_only:  # a BEVT checkpoint continues with its head (lm_down*, fpn*, lm_head)
             head = nn.ModuleDict({k: getattr(student, k) for k in ("fpn_s", "lm_down_st", "fpn_t", "fpn", "lm_down")})
             restore_decoders(ck, {"bevt_head": head, "lm_head": student.lm_head},
                              "method.bevt (vocabulary) and model.* sizes",
@@ -90,8 +93,11 @@ class BEVT(Method):
     def forward(self, batch: Batch) -> StepOutput:
         if batch.image is None:
             raise ValueError("BEVT trains on an image stream next to the videos: set data.images and "
-                             "data.image_batch_size")
+                             "data.image_batch_size (or data.view=image with image shards as data.train for the "
+                             "image-only stage)")
         c, video = self.cfg, batch.video
+        if self.image_only:
+            return self.image_step(batch)
         b, t = video.shape[0], video.shape[2]
         logits_vid, logits_img = self.student(video, batch.mask, batch.image, batch.image_mask)
         if c.targets == "cache":
@@ -114,3 +120,17 @@ class BEVT(Method):
         loss = c.video_weight * loss_vid + c.image_weight * loss_img
         return StepOutput(loss, {"loss/video_tokens": loss_vid.detach(), "loss/image_tokens": loss_img.detach(),
                                  "acc/video_tokens": acc_vid, "acc/image_tokens": acc_img})
+
+    def image_step(self, batch: Batch) -> StepOutput:
+        """The image-only stage (BEiT-style masked image modelling on the image path of the Swin)."""
+        _, logits = self.student(None, None, batch.image, batch.image_mask)  # [Bi,h*w,V]
+        if self.cfg.targets == "cache":
+            raise ValueError("the image-only BEVT stage tokenizes online: set method.bevt.targets=online")
+        ids = self.token_ids(batch.image)
+        if ids.shape != batch.image_mask.shape:
+            raise ValueError(f"tokenizer grid {tuple(ids.shape[1:])} does not match the mask grid "
+                             f"{tuple(batch.image_mask.shape[1:])}: the tokenizer must downsample by 8")
+        loss = F.cross_entropy(logits[batch.image_mask].float(), ids[batch.image_mask])
+        with torch.no_grad():
+            acc = (logits[batch.image_mask].argmax(-1) == ids[batch.image_mask]).float().mean()
+        return StepOutput(loss, {"loss/image_tokens": loss.detach(), "acc/image_tokens": acc})

@@ -201,13 +201,14 @@ class VideoSwin(nn.Module):
     def __init__(self, img_size=224, num_frames=16, tubelet=2, patch=4, in_chans=3, embed_dim=128,
                  depths=(2, 2, 18, 2), heads=(4, 8, 16, 32), window=(8, 7, 7), drop_path=0.0, attn_backend="auto",
                  grad_ckpt=False, mask_token=True, patch_norm=True, image_embed=False, rel_index="official",
-                 image_path="auto"):
+                 image_path="auto", video_embed=True):
         super().__init__()
         if image_path not in ("auto", "official", "video"):
             raise ValueError(f"model.swin_image_path must be auto | official | video, got '{image_path}'")
         self.image_path, self.window = image_path, tuple(window)
         self.patch_size = (tubelet, patch, patch)
-        self.patch_embed = SwinPatchEmbed3D(self.patch_size, in_chans, embed_dim, patch_norm)
+        # video_embed=False: images only (BEVT's image-only stage); its file then inflates into a video model
+        self.patch_embed = SwinPatchEmbed3D(self.patch_size, in_chans, embed_dim, patch_norm) if video_embed else None
         self.patch_embed_2d = SwinPatchEmbed2D(patch, in_chans, embed_dim, patch_norm) if image_embed else None
         self.grid = (math.ceil(num_frames / tubelet), math.ceil(img_size / patch), math.ceil(img_size / patch))
         self.num_patches = self.grid[0] * self.grid[1] * self.grid[2]
@@ -235,6 +236,8 @@ class VideoSwin(nn.Module):
             if self.patch_embed_2d is None:
                 raise ValueError("an image input needs a Swin built with image_embed=True")
             x = self.patch_embed_2d(video.to(self.patch_embed_2d.proj.weight.dtype))  # [B,1,H,W,C]
+        elif self.patch_embed is None:
+            raise ValueError("a video input needs a Swin built with video_embed=True (this one takes images only)")
         else:
             x = self.patch_embed(video.to(self.patch_embed.proj.weight.dtype))  # [B,D,H,W,C]
         if mask is not None:

@@ -257,6 +257,19 @@ def load_into(module: nn.Module, sd: dict, what: str, allow_missing=()) -> None:
                          f"{unexpected[:6]}; is the model name/size right for this file?")
 
 
+def bevt_image_stage(sd: dict) -> tuple[dict, dict]:
+    """A vssl_ds BEVT image-only stage (encoder.* with patch_embed_2d and no 3D patch embedding, + its image
+    head) → (the encoder as a 2D Swin state dict, {key: why left out} for the head)."""
+    out, ignored = {}, {}
+    for k, v in sd.items():
+        k2 = re.sub(r"^(module\.)?(encoder\.)?", "", k)
+        if k2.startswith(("fpn", "lm_down", "lm_head")):
+            ignored[k] = "the image stage's token head (the joint stage starts its head afresh, as the official code)"
+        else:
+            out[k2.replace("patch_embed_2d.", "patch_embed.", 1)] = v
+    return out, ignored
+
+
 def detect_format(sd: dict) -> str:
     keys = list(sd)
     patch = next((sd[k] for k in keys if k.endswith("patch_embed.proj.weight")), None)
@@ -288,6 +301,11 @@ def read_checkpoint(path: str | Path, model: nn.Module, mode: str = "average") -
         return _apply_rules(sd, _TIMESFORMER_RULES, path, fmt)
     if fmt == "mae":
         return _apply_rules(sd, _MAE_RULES, path, fmt)
+    if fmt == "swin2d" and isinstance(model, VideoSwin) and any(k.endswith("patch_embed_2d.proj.weight") for k in sd):
+        sd, ignored = bevt_image_stage(sd)
+        log.info("'%s' is a BEVT image-only stage: its 2D patch embedding fills the image one and is inflated "
+                 "into the video one (as the official inflate_weights)", path)
+        return Checkpoint(str(path), "bevt_image_stage", inflate_swin(sd, model, mode), ignored=ignored)
     if fmt == "swin2d" and isinstance(model, VideoSwin):
         sd = inflate_swin(sd, model, mode)
     elif fmt == "vit2d" and isinstance(model, VideoViT):

@@ -20,7 +20,7 @@ from ..teachers.tokenizers import KMeansTokenizer, fit_kmeans
 from ..cli import HelpFormatter
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="vssl-fit-tokenizer", description=__doc__,
                                 formatter_class=HelpFormatter)
     p.add_argument("shards", help="manifest.json / brace pattern of video or image shards")
@@ -33,7 +33,11 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=20, help="k-means iterations")
     p.add_argument("--workers", type=int, default=2, help="data workers")
     p.add_argument("--seed", type=int, default=0, help="sampling and initialisation seed")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     d = DataConfig(train=args.shards, batch_size=8, num_frames=4, sampling_rate=4, size=args.size,
                    short_range=list(args.short_range), num_workers=args.workers, shuffle_buffer=64,
                    resampled=True, epoch_size=10 ** 9, pin_memory=False)
