@@ -281,3 +281,24 @@ def test_an_xformers_that_imports_but_cannot_run_is_never_chosen(monkeypatch):
             att.resolve_backend("xformers", torch.device("cuda"))
     finally:
         att.xformers_unusable.cache_clear()
+
+
+def test_own_mlp_and_drop_path_match_timms():
+    """The backbones use vssl_ds's DropPath / Mlp (no timm import per process): same parameter names, outputs and
+    random draws as timm's, so timm checkpoints load and training randomness is unchanged."""
+    from vssl_ds.compat import import_timm
+    from vssl_ds.models.layers.common import DropPath, Mlp
+
+    layers = import_timm().layers
+    torch.manual_seed(0)
+    ours, theirs = Mlp(8, 32), layers.Mlp(8, 32, act_layer=torch.nn.GELU)
+    assert [k for k, _ in ours.named_parameters()] == [k for k, _ in theirs.named_parameters()]
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(4, 5, 8)
+    assert torch.equal(ours(x), theirs(x))
+    outs = []
+    for module in (DropPath(0.3), layers.DropPath(0.3)):
+        torch.manual_seed(1)
+        outs.append(module.train()(x.repeat(16, 1, 1)))  # 64 samples: some dropped
+    assert torch.equal(outs[0], outs[1]) and (outs[0] == 0).all(-1).all(-1).any()
+    assert torch.equal(DropPath(0.3).eval()(x), x)

@@ -171,6 +171,9 @@ def test_every_readme_command_works(followed):
     ran = [d for d in done if ": ran " in d]
     assert len(ran) >= 15 and any("checked" in d for d in done), done
     assert (cwd / "runs/tiny_mae/final_model.pt").is_file() and (cwd / "data/demo_shards/manifest.json").is_file()
+    # the quick start: no data given → generated shards, TensorBoard events, a checkpoint
+    assert (cwd / "data/synthetic/manifest.json").is_file() and (cwd / "runs/tiny_mae/checkpoints/latest").is_file()
+    assert list((cwd / "runs/tiny_mae/tb").glob("events.out.tfevents.*"))
 
 
 @pytest.mark.parametrize("name", TOY_RUNS)

@@ -25,7 +25,7 @@ def _args(shards, out, *extra):
     return ["--config", "tiny_mae", *overrides(*TINY, f"data.train={shards}", f"run.out_dir={out}", *extra)]
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("stage", [2, 3])  # ZeRO-1 (the default): every other 2-rank run, the README's included
 def test_two_ranks_each_zero_stage(shards, tmp_path, stage):
     launch(_args(shards, tmp_path, f"engine.zero_stage={stage}", "run.max_steps=12", "run.name=z"))
     run = tmp_path / "z"
@@ -89,17 +89,3 @@ def test_nonfinite_losses_stop_the_run_with_advice(shards, tmp_path):
     assert proc.returncode == 3
     assert "non-finite losses in a row" in out and "optim.clip_grad" in out, out[-3000:]
     assert _scalars(tmp_path / "nan", "train/nonfinite_total")[-1] == 3  # written before the abort
-
-
-def test_embedded_default_writes_its_shards_and_trains(tmp_path):
-    """`python pretrain.py` with no data: generated clips → shards → the tiny_mae recipe (shortened here)."""
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "pretrain.py"), *overrides(
-            f"data.synthetic_dir={tmp_path / 'synthetic'}", "data.synthetic_clips=16", f"run.out_dir={tmp_path}",
-            "run.max_steps=4", "run.log_every=2")],
-        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert (tmp_path / "synthetic" / "manifest.json").is_file()
-    run = tmp_path / "tiny_mae"
-    assert list((run / "tb").glob("events.out.tfevents.*")) and (run / "checkpoints" / "latest").is_file()
-    assert f"tensorboard --logdir {run / 'tb'}" in proc.stdout

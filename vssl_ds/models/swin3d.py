@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
-from timm.layers import DropPath, Mlp
+from .layers.common import DropPath, Mlp
 
 from .layers import attention, resolve_backend
 from .registry import register_model

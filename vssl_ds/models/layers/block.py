@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 from einops import rearrange
-from timm.layers import DropPath, Mlp
+from .common import DropPath, Mlp
 
 from .attention import attention
 
