@@ -93,9 +93,9 @@ def test_topk_and_test_views():
     assert spread_crops(48, 64, 3) == [[0, 0, 48, 48], [0, 8, 48, 48], [0, 16, 48, 48]]
 
 
+# attentive: one rank in tests/test_readme.py (toy_attentive)
 @pytest.mark.parametrize("mode,extra", [
     ("linear", ["engine.precision=bf16"]),  # the head in bf16, the features from a bf16 frozen encoder
-    ("attentive", ["eval.probe_heads=2", "engine.zero_stage=2"]),
     ("finetune", ["engine.zero_stage=3", "eval.layer_decay=0.75", "model.drop_path=0.1", "data.view=finetune"]),
     ("knn", []),
 ])
