@@ -48,8 +48,8 @@ def decode_pyav(data: bytes, pick: Pick) -> tuple[np.ndarray, np.ndarray]:
                 return _pyav_sequential(container, pick)
             kept = _pyav_seeking(container, stream, [pts[i] for i in sorted(set(indices.tolist()))], keys)
             missing = [int(i) for i in indices if pts[i] not in kept]
-            if missing:  # a decoder delay or an open GOP hid a frame from the seek: take the sure way
-                return _pyav_sequential(container, pick)
+            if missing:  # a decoder delay or an open GOP hid a frame from the seek: take the sure way, with the
+                return _pyav_sequential(container, lambda n: indices)  # same indices (pick draws only once)
             return indices, np.stack([kept[pts[i]] for i in indices])
     except (av.error.FFmpegError, IndexError, ValueError) as e:
         raise DecodeError(f"pyav: {e}") from None
