@@ -16,7 +16,8 @@ import torch
 from conftest import ROOT, TINY, free_port, launch, overrides
 
 STEPS = 14
-COMMON = ["engine.zero_stage=1", f"run.max_steps={STEPS}", "run.log_every=1", "run.record_keys=true"]
+COMMON = ["engine.zero_stage=1", f"run.max_steps={STEPS}", "run.log_every=1", "run.record_keys=true",
+          "run.hang_timeout=90"]  # a hang fails the test within minutes, with every rank's stacks in its output
 
 
 def _args(shards, out, name, *extra):
@@ -81,6 +82,7 @@ def test_every_stop_path_resumes_bitwise_with_the_same_keys(shards, tmp_path, st
     proc.wait(timeout=120)
     assert "checkpointing at step" in out, out[-4000:]
     assert out.count("checkpoint step") >= 1
+    assert "shm_comm" not in out  # DeepSpeed's CPU shm all-reduce is left out (docs/RELIABILITY.md)
     run_dir = tmp_path / "cut"
     latest = int((run_dir / "checkpoints" / "latest").read_text().removeprefix("step"))
     assert 3 <= latest < STEPS, latest
@@ -196,6 +198,22 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(shards, tmp_path):
         assert (ckpts / "latest").read_text() == "step00000014"
     finally:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_a_hung_rank_reports_its_stacks_and_exits(shards, tmp_path):
+    """A shard stream that stalls (a `pipe:` command that never sends a byte, as a hung object store does): after
+    run.hang_timeout seconds without progress the rank says what it was waiting for, dumps its own and its data
+    worker's stacks, and exits 6 instead of holding the allocation."""
+    stall = tmp_path / "stall.sh"
+    stall.write_text(f"sleep 600\ncat {shards.parent / 'synthetic-000000.tar'}\n")
+    proc, seconds = _single(f"pipe:bash {stall}", tmp_path, "data.epoch_size=4", "data.num_workers=1",
+                            "run.hang_timeout=4")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 6, out[-3000:]
+    assert "made no progress for" in out and "while waiting for a batch from the data loader" in out, out[-3000:]
+    assert "in _loop" in out  # the rank's main thread
+    assert "in _worker_loop" in out and "in tar_file_iterator" in out, out[-3000:]  # the worker, stuck reading
+    assert seconds < 60
 
 
 @pytest.mark.slow

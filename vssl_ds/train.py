@@ -22,6 +22,7 @@ from .data.shards import DataError
 from .engine import dist
 from .engine.checkpoint import rng_state, set_rng_state
 from .engine.schedules import build_schedules, global_batch
+from .engine.watchdog import Watchdog
 from .logging import Scalars, device_peak_tflops, peak_memory_gib, setup_console
 from .methods import build_method, cache_targets, mask_fns
 
@@ -35,7 +36,8 @@ class NonFiniteLoss(RuntimeError):
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(  # prog: as called (pretrain.py, vssl-pretrain); a mistyped flag is an error, never a prefix
         description="Self-supervised video pretraining (vssl_ds). Exit codes: 0 done (or stopped with a checkpoint), "
-                    "2 config error, 3 non-finite losses, 4 data error, 5 checkpoint not written (docs/RELIABILITY.md).",
+                    "2 config error, 3 non-finite losses, 4 data error, 5 checkpoint not written, 6 no progress for "
+                    "run.hang_timeout seconds (docs/RELIABILITY.md).",
         formatter_class=HelpFormatter, allow_abbrev=False)
     p.add_argument("--config", default="tiny_mae", help="recipe name (see --list-recipes) or path to a .yaml")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -104,6 +106,7 @@ class Trainer:
         torch.manual_seed(cfg.run.seed + 1000 * self.rank + 1)  # per-rank stream (drop path)
 
         self.step, self.nonfinite_total, self.nonfinite_run = 0, 0, 0
+        self.watchdog = Watchdog(cfg.run.hang_timeout, self.rank)
         self.scalars = Scalars(self.run_dir / "tb" if self.rank == 0 else None)
         self.flops_per_clip = 0.0
         self.peak_tflops = device_peak_tflops(device, cfg.run.peak_tflops)
@@ -111,6 +114,7 @@ class Trainer:
     # --- state ------------------------------------------------------------------------------------
     def save(self) -> None:
         tag = f"step{self.step:08d}"
+        self.watchdog.beat(f"writing checkpoint {tag}", self.step)
         client = {"step": self.step, "nonfinite_total": self.nonfinite_total, "config": to_yaml(self.cfg)}
         ranks = {"rng": rng_state(), "data": self.loader.state_dict()}
         self.engine.save(self.ckpt_dir, tag, client, ranks, self.cfg.run.keep_last)
@@ -141,15 +145,17 @@ class Trainer:
                  cfg.data.batch_size, self.world, self.accum, self.engine.precision, cfg.engine.zero_stage)
         self._fresh_epoch = not self._resumed_mid_epoch()
         self._batches = iter(self.loader)
-        try:
-            saved, preempted = self._loop(stop)
-        finally:  # shut the data workers down while the interpreter is whole (else exit can hang)
-            self._batches.close()
-        if preempted:
-            return self.run_dir
-        if saved != self.step or not self.ckpt_dir.joinpath("latest").is_file():
-            self.save()
-        self.export_final()
+        with self.watchdog:
+            try:
+                saved, preempted = self._loop(stop)
+            finally:  # shut the data workers down while the interpreter is whole (else exit can hang)
+                self._batches.close()
+            if preempted:
+                return self.run_dir
+            if saved != self.step or not self.ckpt_dir.joinpath("latest").is_file():
+                self.save()
+            self.watchdog.beat("exporting the final weights", self.step)
+            self.export_final()
         self.scalars.close()
         return self.run_dir
 
@@ -185,8 +191,10 @@ class Trainer:
                     self.save()
                     return self.step, True
             t_fetch = time.perf_counter()
+            self.watchdog.beat("waiting for a batch from the data loader", self.step)
             batch = next(self._batches, None)
             window["data_time"] += time.perf_counter() - t_fetch
+            self.watchdog.beat("in a training micro-step (forward, backward, collectives, optimizer)", self.step)
             (ran_out,) = dist.any_true([batch is None], self.device)
             if ran_out:  # some rank finished its shards: everyone starts the next epoch together
                 if batch is not None:

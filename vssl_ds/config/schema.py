@@ -21,6 +21,7 @@ class RunConfig:
     keep_last: int = 2  # checkpoints kept in the run folder (0 = keep all)
     auto_resume: bool = False
     max_nonfinite: int = 20  # consecutive non-finite losses before the run stops
+    hang_timeout: float = 1800.0  # seconds without progress (batch, step, checkpoint) before a rank dumps its stacks and exits 6; 0 = never
     peak_tflops: float = 0.0  # per-device peak for MFU; 0 = from the device table (GPU) / not logged (CPU)
     overwrite: bool = False  # start over in a run folder that holds checkpoints (deletes them and the TensorBoard logs)
     record_keys: bool = False  # debug: each rank appends the sample keys of every micro-step to keys/rank<r>.jsonl

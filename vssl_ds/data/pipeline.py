@@ -8,6 +8,7 @@ All randomness of a sample (clip start, crop, mask) comes from (seed, epoch, key
 """
 from __future__ import annotations
 
+import faulthandler
 import functools
 import json
 import logging
@@ -245,6 +246,7 @@ def _ignore_stop_signals(_worker_id: int, parent: int = 0) -> None:
     (Linux PR_SET_PDEATHSIG), so no orphaned worker keeps memory, shared memory or a GPU context."""
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
+    faulthandler.register(signal.SIGUSR2, all_threads=True)  # the rank's hang watchdog asks for our stacks
     _die_with_parent(parent or os.getppid())
 
 

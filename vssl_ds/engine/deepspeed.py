@@ -31,28 +31,26 @@ def init_distributed(cfg: Config) -> torch.device:
     """Join (or create) the process group for any launch kind; returns this rank's device."""
     kind = dist.prepare_env()
     device = dist.device_for_local_rank()
+    if device.type == "cpu":
+        _skip_cpu_shm_allreduce()
     deepspeed.init_distributed(dist_backend=dist.resolve_backend(cfg.engine.backend, device),
                                auto_mpi_discovery=False, verbose=False)
     log.debug("launch: %s, device %s", kind, device)
-    if device.type == "cpu":
-        _unlink_shm_workspace()
     return device
 
 
-def _unlink_shm_workspace() -> None:
-    """Drop the name of DeepSpeed's CPU shm all-reduce workspace once every rank has mapped it.
+def _skip_cpu_shm_allreduce() -> None:
+    """Leave out DeepSpeed's CPU shared-memory all-reduce op: only its inference all-reduce uses it (training
+    collectives go through torch.distributed / gloo either way), and building it costs more than it could save.
 
-    DeepSpeed's shm comm op creates a 66 MB /dev/shm file per rank and never unlinks it, so every
-    CPU launch leaks RAM (tmpfs) until the machine reboots. The mappings stay valid after unlink;
-    the memory is returned when the last rank exits.
+    Its first use JIT-compiles C++ (30 s), every later start takes a lock file in ~/.cache/torch_extensions that a
+    process killed at that moment leaves behind (every later start then waits on it forever), its init spins
+    until every peer's 66 MB /dev/shm workspace exists, and it never unlinks those files.
     """
-    dist.barrier()  # every rank has opened every peer's workspace (shm_initialize loops until it has)
-    name = "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(
-        os.getuid(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""), dist.rank())
-    try:
-        os.unlink(os.path.join("/dev/shm", name))
-    except FileNotFoundError:  # the op was not built (no compatible compiler/ISA): nothing to drop
-        pass
+    import importlib
+
+    backend = importlib.import_module("deepspeed.comm.torch")  # (the attribute deepspeed.comm.torch is torch itself)
+    backend.build_shm_op = lambda: None
 
 
 def check_ds_config(ds_config: dict, world_size: int = 1) -> None:
