@@ -63,3 +63,15 @@ class Scalars:
             self.writer.flush()
             self.writer.close()
             self.writer = None
+
+
+def fault_stream():
+    """A stream with a file descriptor for faulthandler: stderr, or the original one when stderr was replaced
+    (captured output, notebooks); None when neither has one."""
+    for stream in (sys.stderr, sys.__stderr__):
+        try:
+            stream.fileno()
+            return stream
+        except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError and a ValueError
+            continue
+    return None

@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import tarfile_samples
 
+from ..logging import fault_stream
 from .batch import Batch
 from .decode import DecodeError, decode, decode_image
 from .sampling import ShortVideo
@@ -246,7 +247,9 @@ def _ignore_stop_signals(_worker_id: int, parent: int = 0) -> None:
     (Linux PR_SET_PDEATHSIG), so no orphaned worker keeps memory, shared memory or a GPU context."""
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
-    faulthandler.register(signal.SIGUSR2, all_threads=True)  # the rank's hang watchdog asks for our stacks
+    stream = fault_stream()
+    if stream is not None:  # the rank's hang watchdog asks for our stacks
+        faulthandler.register(signal.SIGUSR2, file=stream, all_threads=True)
     _die_with_parent(parent or os.getppid())
 
 

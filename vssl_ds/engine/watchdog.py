@@ -16,6 +16,8 @@ import time
 
 import psutil
 
+from ..logging import fault_stream
+
 log = logging.getLogger(__name__)
 EXIT_HUNG = 6
 DUMP_SIGNAL = signal.SIGUSR2  # data workers write their stacks on it (see data.pipeline._ignore_stop_signals)
@@ -61,7 +63,9 @@ class Watchdog:
         for handler in logging.getLogger().handlers:
             handler.flush()
         sys.stderr.flush()
-        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        stream = fault_stream()
+        if stream is not None:
+            faulthandler.dump_traceback(file=stream, all_threads=True)
         try:  # the data workers: forked children with this process's command line (not, e.g., a `pipe:` shard's shell)
             me = psutil.Process()
             workers = [c for c in me.children() if c.cmdline() == me.cmdline()]
