@@ -1,5 +1,6 @@
 """LSTCL under MoCo v3, BYOL and SimSiam: losses against an independent computation, the momentum target,
-overfitting a fixed batch, and 2-rank DeepSpeed runs (MoCo v3 gathers keys; BYOL's EMA under ZeRO-3)."""
+overfitting a fixed batch, 2-rank DeepSpeed runs (MoCo v3 gathers keys; BYOL's EMA under ZeRO-3), and a resume
+that continues the momentum target bitwise."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -151,3 +152,34 @@ def test_mocov3_keys_include_every_ranks_and_the_positive_is_offset_by_rank():
     for r, (q, _) in enumerate(qk):  # 2τ·CE over all ranks' keys, computed here from the same draws
         expect = 2 * 0.2 * F.cross_entropy(F.normalize(q, dim=-1) @ keys.t() / 0.2, torch.arange(3) + 3 * r)
         assert abs(out[r][2] - float(expect)) < 1e-5
+
+
+@pytest.mark.slow
+def test_a_resumed_byol_run_continues_its_momentum_target_bitwise(shards, tmp_path):
+    """The EMA target lives outside the engine: a run stopped at step 3 and resumed ends with the same weights as
+    one that ran straight (before the target was checkpointed, a resumed run restarted it from the initial
+    weights)."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    def run(name, *extra, resume=False):
+        sets = [*TINY, "data.sampling_rate=2", "data.long_stride=4", "data.batch_size=2", "data.num_workers=1",
+                "optim.warmup_epochs=0", "optim.warmup_steps=2", "run.log_every=1", "run.ckpt_every=0",
+                "run.max_steps=6", "engine.zero_stage=1", f"data.train={shards}", f"run.out_dir={tmp_path}",
+                f"run.name={name}", *extra]
+        cmd = [sys.executable, str(ROOT / "pretrain.py"), *(["--auto-resume"] if resume else []),
+               "--config", "lstcl_byol_vit_b", *overrides(*sets)]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    run("straight")
+    run("split", "run.stop_at=3")
+    run("split", resume=True)
+    want = torch.load(tmp_path / "straight" / "final_model.pt")
+    got = torch.load(tmp_path / "split" / "final_model.pt")
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=k)

@@ -115,7 +115,8 @@ class Trainer:
     def save(self) -> None:
         tag = f"step{self.step:08d}"
         self.watchdog.beat(f"writing checkpoint {tag}", self.step)
-        client = {"step": self.step, "nonfinite_total": self.nonfinite_total, "config": to_yaml(self.cfg)}
+        client = {"step": self.step, "nonfinite_total": self.nonfinite_total, "config": to_yaml(self.cfg),
+                  "evolving": self.method.evolving_state()}  # EMA targets (identical on every rank)
         ranks = {"rng": rng_state(), "data": self.loader.state_dict()}
         self.engine.save(self.ckpt_dir, tag, client, ranks, self.cfg.run.keep_last)
         log.info("checkpoint %s written to %s", tag, self.ckpt_dir / tag)
@@ -127,6 +128,11 @@ class Trainer:
             return
         client, ranks = restored
         self.step, self.nonfinite_total = int(client["step"]), int(client.get("nonfinite_total", 0))
+        if "evolving" in client:
+            self.method.load_evolving_state(client["evolving"])
+        elif self.method.evolving_state():
+            log.warning("the checkpoint has no EMA target state (written before vssl_ds saved it): the momentum "
+                        "target restarts from the initial weights")
         if "data" in ranks:
             self.loader.load_state_dict(ranks["data"])
         if "rng" in ranks:

@@ -65,6 +65,23 @@ class Method(nn.Module, abc.ABC):
     def after_step(self, step: int) -> None:
         """Called after every optimizer step (EMA / momentum updates)."""
 
+    def evolving_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """What training changes outside the engine (EMA targets), per module name: saved in every checkpoint.
+        Teachers and tokenizers never change, so they are not in it (they come from their files on resume)."""
+        from .ema import EMA
+
+        return {name: {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+                for name, module in self.frozen.named_modules() if isinstance(module, EMA)}
+
+    def load_evolving_state(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
+        modules = dict(self.frozen.named_modules())
+        mine = set(self.evolving_state())
+        if set(state) != mine:
+            raise ValueError(f"the checkpoint holds evolving state for {sorted(state)} but this method has "
+                             f"{sorted(mine)}: resume with the method and model that wrote it")
+        for name, sd in state.items():
+            modules[name].load_state_dict(sd)
+
     def param_groups(self, weight_decay: float) -> list[dict]:
         """AdamW groups: no weight decay on norms, biases, position tables and special tokens."""
         decay, no_decay = [], []
