@@ -84,12 +84,14 @@ class StopRequest:
 
 class Trainer:
     def __init__(self, cfg: Config, device: torch.device):
-        from .engine.deepspeed import Engine
+        from .engine.deepspeed import Engine, keep_global_batch
 
         self.cfg, self.device = cfg, device
         self.rank, self.world = dist.rank(), dist.world()
         self.run_dir = Path(cfg.run.out_dir) / cfg.run.name
         self.ckpt_dir = self.run_dir / "checkpoints"
+        if cfg.run.auto_resume:  # on another number of ranks: the same global batch, through the accumulation
+            keep_global_batch(cfg, self.ckpt_dir, self.world)
         d = cfg.data
         self.loader, self.samples = build_loader(d, *mask_fns(cfg), self.rank, self.world, cfg.run.seed, *cache_targets(cfg))
 
@@ -126,15 +128,16 @@ class Trainer:
         if restored is None:
             log.info("auto-resume: no checkpoint in %s, starting from step 0", self.ckpt_dir)
             return
-        client, ranks = restored
+        client, ranks, peers = restored
         self.step, self.nonfinite_total = int(client["step"]), int(client.get("nonfinite_total", 0))
         if "evolving" in client:
             self.method.load_evolving_state(client["evolving"])
         elif self.method.evolving_state():
             log.warning("the checkpoint has no EMA target state (written before vssl_ds saved it): the momentum "
                         "target restarts from the initial weights")
-        if "data" in ranks:
-            self.loader.load_state_dict(ranks["data"])
+        data = ranks.get("data") or next((p["data"] for p in peers() if "data" in p), None)
+        if data is not None:  # another layout: the loader reads every saved rank's record of trained samples
+            self.loader.load_state_dict(data, lambda: [p["data"] for p in peers() if "data" in p])
         if "rng" in ranks:
             set_rng_state(ranks["rng"])
         log.info("resumed at step %d (epoch %d) from %s", self.step, self.loader.epoch, self.ckpt_dir)

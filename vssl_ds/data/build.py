@@ -63,9 +63,9 @@ class JointLoader:
     def state_dict(self) -> dict:
         return {**self.videos.state_dict(), "images": self.images.state_dict()}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.videos.load_state_dict(state)
-        if "images" in state:
+    def load_state_dict(self, state: dict, peers=None) -> None:
+        self.videos.load_state_dict(state, peers)
+        if "images" in state:  # endless: on another layout its epoch restarts (see OrderedLoader.load_state_dict)
             self.images.load_state_dict(state["images"])
 
     def fault_counts(self) -> Counter:

@@ -5,6 +5,11 @@ consumed (`pos`). Every batch carries its worker and `pos`; the loader hands bat
 round-robin over workers and remembers, per worker, the `pos` of the last batch the loop took. Resuming
 skips exactly those samples (before decoding) and restarts the round-robin at the right worker.
 All randomness of a sample (clip start, crop, mask) comes from (seed, epoch, key), never from order.
+
+Every batch also names the samples it consumed as (shard index in the manifest, sample index in the shard), and the
+loader keeps them as one bitmask per shard: a record of the epoch that does not depend on ranks or workers. Resumed
+on another number of ranks or workers, the epoch goes on with exactly the samples no rank trained yet, cut into
+equal contiguous runs (in the epoch's shard order) over the new ranks x workers ("rebalanced" epoch).
 """
 from __future__ import annotations
 
@@ -62,10 +67,31 @@ class ShardStream(IterableDataset):
         self.rank, self.world, self.seed, self.decoders = rank, world, seed, tuple(decoders)
         self.shuffle_buffer, self.resampled, self.epoch_samples = shuffle_buffer, resampled, epoch_samples
         self.cache, self.cache_targets = cache, tuple(cache_targets)  # teacher-target shards, joined by key
-        self.epoch, self.start = 0, {}
+        self.epoch, self.start, self.base = 0, {}, None
+        self.shard_index = {s.url: i for i, s in enumerate(shards)}
 
-    def set_epoch(self, epoch: int, start: dict[int, int] | None = None) -> None:
-        self.epoch, self.start = epoch, dict(start or {})
+    def set_epoch(self, epoch: int, start: dict[int, int] | None = None, base: dict[int, int] | None = None) -> None:
+        """`start`: raw samples each worker consumed already; `base`: for a rebalanced epoch, the samples (bitmask
+        per shard index) every rank of the previous layout trained — the epoch serves only the others."""
+        self.epoch, self.start, self.base = epoch, dict(start or {}), base
+
+    def _rebalanced(self, worker: int, num_workers: int) -> list[tuple[Shard, set[int] | None]]:
+        """This worker's part of a rebalanced epoch: the samples not in `base`, in the epoch's shard order, cut into
+        world x workers contiguous runs of equal length (±1) → [(shard, sample indices to read)]."""
+        base, order = self.base or {}, epoch_order(self.shards, self.seed, self.epoch)
+        if any(s.samples < 0 for s in order):  # no counts (no manifest): whole shards, trained samples left out
+            return [(s, None) for s in split(split(order, self.rank, self.world), worker, num_workers)]
+        left = [s.samples - bin(base.get(self.shard_index[s.url], 0)).count("1") for s in order]
+        slots, slot, total = self.world * num_workers, self.rank * num_workers + worker, sum(left)
+        lo, hi = total * slot // slots, total * (slot + 1) // slots
+        mine, offset = [], 0
+        for shard, n in zip(order, left):
+            if offset < hi and offset + n > lo:
+                bits = base.get(self.shard_index[shard.url], 0)
+                todo = [i for i in range(shard.samples) if not bits >> i & 1]
+                mine.append((shard, set(todo[max(lo - offset, 0):hi - offset])))
+            offset += n
+        return mine
 
     def _my_shards(self, worker: int, num_workers: int) -> Iterator[Shard]:
         if self.resampled:  # shards drawn with replacement, a stream of its own per rank and worker
@@ -80,21 +106,34 @@ class ShardStream(IterableDataset):
                         self.world, num_workers)
         yield from mine
 
-    def _raw(self, shards: Iterator[Shard], on_error) -> Iterator[dict]:
-        """Raw samples; with a teacher cache, each joined with its target entry (same shard name, same order)."""
+    def _raw(self, shards: Iterator[tuple[Shard, set[int] | None]], on_error) -> Iterator[dict]:
+        """Raw samples of (shard, the sample indices to read or None for all), tagged with `__sid__` (the shard's
+        index in the manifest) and `__idx__` (the sample's index in its shard); in a rebalanced epoch, the samples
+        trained before the resume are left out."""
+        base = self.base if self.base is not None else {}
+        for shard, wanted in shards:
+            sid = self.shard_index[shard.url]
+            done = base.get(sid, 0)
+            for idx, raw in enumerate(self._shard_samples(shard, on_error)):
+                if (wanted is not None and idx not in wanted) or done >> idx & 1:
+                    continue
+                raw["__sid__"], raw["__idx__"] = sid, idx
+                yield raw
+
+    def _shard_samples(self, shard: Shard, on_error) -> Iterator[dict]:
+        """One shard's raw samples; with a teacher cache, each joined with its target entry (same name, order)."""
         if not self.cache:
-            yield from tarfile_samples(({"url": s.url} for s in shards), handler=on_error)
+            yield from tarfile_samples([{"url": shard.url}], handler=on_error)
             return
-        for shard in shards:
-            target_url = str(Path(self.cache) / Path(shard.url).name)
-            targets = tarfile_samples([{"url": target_url}], handler=on_error)
-            for raw in tarfile_samples([{"url": shard.url}], handler=on_error):
-                entry = next(targets, None)
-                if entry is None or entry["__key__"] != raw["__key__"]:
-                    raise KeyError(f"teacher cache has no entry for sample '{raw['__key__']}' of shard {shard.url} "
-                                   f"(looked in {target_url}{', found ' + entry['__key__'] if entry else ''}): the "
-                                   "cache was made from other shards; rebuild it with tools/cache_teachers.py")
-                yield {**entry, **raw}
+        target_url = str(Path(self.cache) / Path(shard.url).name)
+        targets = tarfile_samples([{"url": target_url}], handler=on_error)
+        for raw in tarfile_samples([{"url": shard.url}], handler=on_error):
+            entry = next(targets, None)
+            if entry is None or entry["__key__"] != raw["__key__"]:
+                raise KeyError(f"teacher cache has no entry for sample '{raw['__key__']}' of shard {shard.url} "
+                               f"(looked in {target_url}{', found ' + entry['__key__'] if entry else ''}): the "
+                               "cache was made from other shards; rebuild it with tools/cache_teachers.py")
+            yield {**entry, **raw}
 
     def _shuffled(self, raws: Iterator[dict], worker: int) -> Iterator[dict]:
         """A sample shuffle buffer whose order depends only on (seed, epoch, rank, worker): replayable."""
@@ -192,18 +231,23 @@ class ShardStream(IterableDataset):
             log.warning("rank %d worker %d: skipping unreadable shard data: %s", self.rank, worker, exn)
             return True
 
-        raws = self._shuffled(self._raw(self._my_shards(worker, num_workers), on_error), worker)
+        if self.base is not None and not self.resampled:
+            shards = iter(self._rebalanced(worker, num_workers))
+        else:
+            shards = ((s, None) for s in self._my_shards(worker, num_workers))
+        raws = self._shuffled(self._raw(shards, on_error), worker)
         quota = -(-self.epoch_samples // (self.world * num_workers)) if self.resampled else 0
-        items = []
+        items, taken = [], []
         for pos, raw in enumerate(raws, start=1):
             if quota and pos > quota:
                 break
             if pos <= skip:
                 continue  # consumed before the checkpoint this run resumes from
+            taken.append((raw["__sid__"], raw["__idx__"]))  # trained once the loop takes this batch (or skipped)
             items += self._sample(raw, faults)
             if len(items) >= self.batch_size:
-                yield _collate(items[:self.batch_size], worker, pos, faults)
-                items = items[self.batch_size:]
+                yield _collate(items[:self.batch_size], worker, pos, faults, taken)
+                items, taken = items[self.batch_size:], []
         yield {END: worker, "faults": dict(faults)}
 
 
@@ -220,10 +264,10 @@ def _label(raw: dict) -> int:
         return -1
 
 
-def _collate(items, worker: int, pos: int, faults: Counter) -> dict:
+def _collate(items, worker: int, pos: int, faults: Counter, taken=()) -> dict:
     keys, samples, labels = zip(*items)
     out = {"label": torch.tensor(labels, dtype=torch.long), "keys": list(keys), "worker": worker, "pos": pos,
-           "faults": dict(faults), "views": {}}
+           "faults": dict(faults), "views": {}, "consumed": list(taken)}
     for name in samples[0]:
         x = torch.stack([s[name] for s in samples])
         if name == "mask":
@@ -274,23 +318,48 @@ class OrderedLoader:
         self.dataset, self.num_workers = dataset, num_workers
         self.prefetch, self.pin_memory = prefetch, pin_memory
         self.epoch, self.positions, self.turn = 0, {}, 0
+        self.consumed: dict[int, int] = {}  # shard index → bitmask of its samples trained this epoch (any layout)
+        self.base: dict[int, int] | None = None  # a rebalanced epoch: what the previous layout had trained
         self.faults: dict[int, dict] = {}
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "positions": dict(self.positions), "turn": self.turn,
-                "num_workers": self.num_workers, "world": self.dataset.world}
+                "num_workers": self.num_workers, "world": self.dataset.world, "consumed": dict(self.consumed),
+                "base": None if self.base is None else dict(self.base)}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, peers=None) -> None:
+        """This rank's saved state; `peers()` → every saved rank's state, read only when the layout changed."""
         same_layout = state.get("num_workers") == self.num_workers and state.get("world") == self.dataset.world
         self.epoch = int(state["epoch"])
         if same_layout:
             self.positions = {int(k): int(v) for k, v in state["positions"].items()}
             self.turn = int(state["turn"])
-        else:  # shard slices differ now: the epoch restarts rather than guessing
-            log.warning("data layout changed (workers %s→%d, ranks %s→%d): epoch %d restarts from its beginning",
-                        state.get("num_workers"), self.num_workers, state.get("world"), self.dataset.world,
-                        self.epoch)
-            self.positions, self.turn = {}, 0
+            self.consumed = {int(k): int(v) for k, v in state.get("consumed", {}).items()}
+            self.base = None if state.get("base") is None else {int(k): int(v) for k, v in state["base"].items()}
+            return
+        self.positions, self.turn = {}, 0
+        states = peers() if peers is not None else []
+        if self.dataset.resampled or not states or any("consumed" not in p for p in states):
+            why = ("data.resampled draws a new stream" if self.dataset.resampled else
+                   "the checkpoint does not record which samples were trained (written before vssl_ds did)")
+            log.warning("data layout changed (workers %s→%d, ranks %s→%d) and %s: epoch %d restarts from its "
+                        "beginning", state.get("num_workers"), self.num_workers, state.get("world"),
+                        self.dataset.world, why, self.epoch)
+            self.consumed, self.base = {}, None
+            return
+        if len({int(p["epoch"]) for p in states}) != 1:
+            raise ValueError(f"the saved ranks disagree on the epoch ({sorted({p['epoch'] for p in states})}): "
+                             "the checkpoint is not from one run")
+        union: dict[int, int] = {}
+        for peer in states:
+            for sid, bits in peer["consumed"].items():
+                union[int(sid)] = union.get(int(sid), 0) | int(bits)
+        self.base, self.consumed = union, dict(union)
+        trained = sum(bin(b).count("1") for b in union.values())
+        log.info("data layout changed (workers %s→%d, ranks %s→%d): epoch %d goes on with the samples no rank has "
+                 "trained yet (%d trained so far), spread evenly over %d ranks x %d workers",
+                 state.get("num_workers"), self.num_workers, state.get("world"), self.dataset.world, self.epoch,
+                 trained, self.dataset.world, max(self.num_workers, 1))
 
     missing_shards = 0  # listed shard files that did not exist when the run started (left out, see build.stream)
 
@@ -304,7 +373,7 @@ class OrderedLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         """One epoch (`self.epoch`), continued from the saved positions when there are any."""
-        self.dataset.set_epoch(self.epoch, self.positions)
+        self.dataset.set_epoch(self.epoch, self.positions, self.base)
         loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
                             pin_memory=self.pin_memory and torch.cuda.is_available(),
                             prefetch_factor=self.prefetch if self.num_workers else None,
@@ -327,6 +396,8 @@ class OrderedLoader:
                     self.turn = nxt if active else 0
                     continue
                 self.positions[w], self.turn = item["pos"], nxt
+                for sid, idx in item["consumed"]:
+                    self.consumed[sid] = self.consumed.get(sid, 0) | 1 << idx
                 yield Batch.from_worker(item)
         finally:  # workers ignore SIGTERM (see above), so stop them here on every way out, errors included
             shutdown = getattr(stream, "_shutdown_workers", None)
@@ -337,3 +408,4 @@ class OrderedLoader:
     def next_epoch(self) -> None:
         """Close the current epoch (also called when another rank ran out first)."""
         self.epoch, self.positions, self.turn = self.epoch + 1, {}, 0
+        self.consumed, self.base = {}, None

@@ -9,7 +9,11 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -78,7 +82,8 @@ class Engine:
         self.ds, _, _, _ = deepspeed.initialize(model=method.trainable, optimizer=optimizer, config=self.ds_config)
         m = cfg.model
         self.setup = {"engine.zero_stage": self.ds.zero_optimization_stage(), "engine.precision": self.precision,
-                      "world size": dist.world(), "method.name": cfg.method.name, "model.name": m.name,
+                      "world size": dist.world(), "global batch": global_batch_of(cfg, dist.world()),
+                      "method.name": cfg.method.name, "model.name": m.name,
                       "model.img_size": m.img_size, "model.num_frames": m.num_frames, "model.patch": m.patch,
                       "model.tubelet": m.tubelet}
         method.bind_student(self.ds)
@@ -163,19 +168,55 @@ class Engine:
         params = sum(getattr(p, "ds_numel", p.numel()) for p in self.ds.module.parameters())
         return params * 4 * 4 // max(dist.world(), 1)  # fp32 weights, master copy, two moments
 
-    def _check_setup(self, tag_dir: Path) -> None:
-        """A checkpoint resumes only under the settings that wrote it (DeepSpeed's own failure across ZeRO stages
-        or world sizes is `Empty ds_version in checkpoint` or a shape error): name what differs and what to do."""
+    def _check_setup(self, tag_dir: Path) -> dict:
+        """A checkpoint resumes only under the settings that wrote it, the world size aside (DeepSpeed's own failure
+        across ZeRO stages is `Empty ds_version in checkpoint` or a shape error): name what differs and what to do.
+        → the saved settings ({} for a checkpoint written before vssl_ds recorded them)."""
         path = tag_dir / SETUP
         if not path.is_file():  # written before vssl_ds recorded it
-            return
+            return {}
         saved = json.loads(path.read_text())
-        differ = [f"{k} {saved[k]} → {v}" for k, v in self.setup.items() if k in saved and saved[k] != v]
+        differ = [f"{k} {saved[k]} → {v}" for k, v in self.setup.items()
+                  if k in saved and saved[k] != v and k != "world size"]
         if differ:
             raise CheckpointError(
                 f"cannot resume from {tag_dir}: it was written with other settings ({'; '.join(differ)}). Resume with "
                 f"the settings that wrote it, or start a new run (another run.name, or run.overwrite=true); "
                 f"consolidated weights of any checkpoint can start a new run: model.pretrained=<run>/final_model.pt")
+        return saved
+
+    def _universal(self, tag_dir: Path) -> Path:
+        """DeepSpeed's universal checkpoint of `tag_dir` (per-parameter fp32 weights and Adam moments, loadable on
+        any number of ranks), converted once by rank 0 into tag_dir/universal (atomically: a killed conversion
+        leaves only a .tmp folder that the next attempt replaces)."""
+        out = tag_dir / "universal"
+        if dist.rank() == 0 and not out.is_dir():
+            tmp = tag_dir / "universal.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            workers = str(max(1, min(4, os.cpu_count() or 1)))
+            cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
+                   "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", workers,
+                   "--num_merge_workers", workers]
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise CheckpointError(f"converting {tag_dir} to a universal checkpoint failed (exit "
+                                      f"{proc.returncode}): {proc.stderr.strip()[-2000:]}")
+            os.replace(tmp, out)
+            log.info("converted %s to DeepSpeed's universal checkpoint in %.1f s", tag_dir, time.perf_counter() - t0)
+        dist.barrier()
+        return out
+
+    def _load_universal(self, ckpt_dir: Path, tag: str, saved_world: int):
+        log.warning("world size %d → %d: loading %s through DeepSpeed's universal checkpoint (model, optimizer moments "
+                    "and step re-partitioned over %d ranks)", saved_world, dist.world(), ckpt_dir / tag, dist.world())
+        universal = self._universal(ckpt_dir / tag)
+        self.ds._config.load_universal_checkpoint = True  # read by load_checkpoint only; later saves are as usual
+        try:
+            return self.ds.load_checkpoint(str(universal.parent), tag=universal.name)
+        finally:
+            self.ds._config.load_universal_checkpoint = False
 
     @staticmethod
     def _disk_message(ckpt_dir: Path, tag: str, what: str) -> str:
@@ -184,20 +225,64 @@ class Engine:
                 f"checkpoint ({read_latest(ckpt_dir) or 'none'}) and 'latest' are untouched: free space (or lower "
                 f"run.keep_last, or move run.out_dir), then rerun with --auto-resume")
 
-    def load(self, ckpt_dir: Path) -> tuple[dict, dict] | None:
-        """Restore the newest complete checkpoint: (client_state, this rank's state), or None if there is none."""
+    def load(self, ckpt_dir: Path) -> tuple[dict, dict, Callable[[], list[dict]]] | None:
+        """Restore the newest complete checkpoint → (client_state, this rank's state, `peers()`: every saved rank's
+        state), or None if there is none. Written on another number of ranks: through the universal checkpoint."""
         tag = read_latest(ckpt_dir) if ckpt_dir.is_dir() else None
         if tag is None:
             return None
-        self._check_setup(ckpt_dir / tag)
-        path, client_state = self.ds.load_checkpoint(str(ckpt_dir), tag=tag)
+        saved = self._check_setup(ckpt_dir / tag)
+        saved_world = int(saved.get("world size", dist.world()))
+        if saved_world != dist.world() and self.ds.zero_optimization_stage() > 0:
+            path, client_state = self._load_universal(ckpt_dir, tag, saved_world)
+        else:  # same world size, or no ZeRO (the optimizer state is whole in the model-states file)
+            if saved_world != dist.world():
+                log.warning("world size %d → %d: ZeRO-0 keeps whole optimizer states, loading them as they are",
+                            saved_world, dist.world())
+            path, client_state = self.ds.load_checkpoint(str(ckpt_dir), tag=tag)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint '{ckpt_dir / tag}'")
         rank_file = rank_state_path(ckpt_dir, tag, dist.rank())
         rank_state = torch.load(rank_file, weights_only=False) if rank_file.is_file() else {}
         if not rank_state:
-            log.warning("%s is missing (different world size?): RNG and data position start afresh", rank_file)
-        return client_state or {}, rank_state
+            log.warning("%s is missing (rank %d did not exist when it was written): this rank's RNG starts afresh",
+                        rank_file, dist.rank())
+
+        def peers() -> list[dict]:
+            files = [rank_state_path(ckpt_dir, tag, r) for r in range(saved_world)]
+            return [torch.load(f, weights_only=False) for f in files if f.is_file()]
+
+        return client_state or {}, rank_state, peers
+
+
+def global_batch_of(cfg: Config, world: int) -> int:
+    """Clips per optimizer step over all ranks."""
+    return cfg.data.batch_size * world * cfg.engine.grad_accum
+
+
+def keep_global_batch(cfg: Config, ckpt_dir: Path, world: int) -> None:
+    """Resuming on another number of ranks: set engine.grad_accum so the global batch (and with it the lr schedule
+    and the epoch length) stays the checkpoint's; CheckpointError when no whole accumulation does."""
+    tag = read_latest(ckpt_dir) if ckpt_dir.is_dir() else None
+    path = ckpt_dir / tag / SETUP if tag else None
+    if path is None or not path.is_file():
+        return
+    saved = json.loads(path.read_text())
+    was, want = saved.get("world size"), saved.get("global batch")
+    if was is None or want is None or was == world or global_batch_of(cfg, world) == want:
+        return
+    per_step = cfg.data.batch_size * world
+    if want % per_step:
+        fits = [b for b in range(1, want + 1) if want % (b * world) == 0 and b % cfg.data.repeats == 0]
+        raise CheckpointError(
+            f"cannot resume {ckpt_dir / tag} on {world} ranks: it trained with a global batch of {want} clips "
+            f"({was} ranks), and data.batch_size={cfg.data.batch_size} x {world} ranks x a whole accumulation never "
+            f"makes {want}. Set data.batch_size to one of {fits[-4:] or 'none'} (engine.grad_accum is then chosen "
+            f"for you), or run on a number of ranks that divides {want // cfg.data.batch_size}")
+    accum = want // per_step
+    log.warning("resuming on %d ranks (was %d): engine.grad_accum %d → %d keeps the global batch of %d clips, so the "
+                "lr schedule and the epoch length stay as they were", world, was, cfg.engine.grad_accum, accum, want)
+    cfg.engine.grad_accum = accum
 
 
 class CheckpointError(RuntimeError):
