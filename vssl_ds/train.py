@@ -109,6 +109,7 @@ class Trainer:
 
         self.step, self.nonfinite_total, self.nonfinite_run = 0, 0, 0
         self.watchdog = Watchdog(cfg.run.hang_timeout, self.rank)
+        self.preempted = False  # stopped by a signal, with a checkpoint
         self.scalars = Scalars(self.run_dir / "tb" if self.rank == 0 else None)
         self.flops_per_clip = 0.0
         self.peak_tflops = device_peak_tflops(device, cfg.run.peak_tflops)
@@ -159,6 +160,7 @@ class Trainer:
                 saved, preempted = self._loop(stop)
             finally:  # shut the data workers down while the interpreter is whole (else exit can hang)
                 self._batches.close()
+            self.preempted = preempted
             if preempted:
                 return self.run_dir
             if saved != self.step or not self.ckpt_dir.joinpath("latest").is_file():
@@ -400,7 +402,10 @@ def main(argv=None) -> int:
         log.error("%s", e)
         dist.shutdown()
         return 5
-    if dist.rank() == 0:
+    if dist.rank() == 0 and trainer.preempted:
+        print(f"\nstopped at step {trainer.step} of {trainer.total_steps} with a checkpoint in {trainer.ckpt_dir}: "
+              "rerun with --auto-resume to continue")
+    elif dist.rank() == 0:
         print(f"\ndone: {trainer.step} steps\n  config:      {run_dir / 'config.yaml'}\n"
               f"  tensorboard: tensorboard --logdir {run_dir / 'tb'}\n  checkpoint:  {trainer.ckpt_dir}")
     dist.shutdown()
