@@ -1,11 +1,14 @@
 """Launch shapes beyond one node of two ranks, on one CPU machine: a two-node torchrun rendezvous (c10d on
-127.0.0.1, one process per "node") and four ranks under ZeRO-3. Each runs the tiny recipe to its end: the final
-weights agree on every rank and the run logged every step it should."""
+127.0.0.1, one process per "node"), the DeepSpeed launcher with a hostfile of two "nodes" (localhost and 127.0.0.1,
+started over pdsh/ssh; skipped without them) and four ranks under ZeRO-3. Each runs the tiny recipe to its end: the
+final weights agree on every rank and the run logged every step it should."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -32,6 +35,32 @@ def test_two_node_torchrun_rendezvous_on_localhost(shards, tmp_path):
     outs = [n.communicate(timeout=300)[0] for n in nodes]
     assert all(n.returncode == 0 for n in nodes), "\n-----\n".join(o[-3000:] for o in outs)
     check_run(tmp_path / "two_nodes", ("train/loss",), points=2)
+
+
+def _ssh_to_itself() -> bool:
+    if not shutil.which("pdsh"):
+        return False
+    return all(subprocess.run(["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=3", host, "true"],
+                              capture_output=True, timeout=15).returncode == 0 for host in ("localhost", "127.0.0.1"))
+
+
+def test_deepspeed_hostfile_two_nodes_over_pdsh(shards, tmp_path):
+    """`deepspeed --hostfile` naming this machine twice (localhost, 127.0.0.1; 1 slot each): the runner starts one
+    node launcher per host over pdsh/ssh, as on a cluster. Needs pdsh and ssh to itself (tests/helpers/local_ssh.sh)."""
+    if not _ssh_to_itself():
+        pytest.skip("needs pdsh and passwordless ssh to localhost and 127.0.0.1: tests/helpers/local_ssh.sh")
+    hostfile = tmp_path / "hosts.txt"
+    hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
+    runner = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
+    cmd = [runner, "--hostfile", str(hostfile), "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+           "--num_nodes", "2", "--num_gpus", "1", str(ROOT / "pretrain.py"),
+           *_args(shards, tmp_path, "hostfile", 4, "data.num_workers=1")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "cmd = pdsh" in out, out[-4000:]
+    assert "identical on all 2 ranks" in out, out[-4000:]
+    check_run(tmp_path / "hostfile", ("train/loss",), points=2)
 
 
 def test_four_ranks_under_zero3(shards, tmp_path):

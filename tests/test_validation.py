@@ -73,6 +73,8 @@ BAD = [  # (recipe, overrides, the field the message must name)
     ("tiny_mae", ["data.batch_size=abc"], "data.batch_size"),  # wrong types: readable, no OmegaConf internals
     ("tiny_mae", ["data.scales=abc"], "data.scales"),
     ("tiny_mae", ["run.auto_resume=maybe"], "run.auto_resume"),
+    ("tiny_mae", ["run.hang_timeout=-1"], "run.hang_timeout"),
+    ("tiny_mae", ["run.out_dir=/proc/self", "run.name=status"], "run.name"),  # the run folder is a file
 ]
 
 

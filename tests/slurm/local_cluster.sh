@@ -21,7 +21,7 @@ for bin in slurmctld slurmd munged sbatch; do
 done
 mkdir -p "$dir"/{state,spool,log}
 host="$(hostname -s)"
-cpus="$(nproc)"
+cpus="$(getconf _NPROCESSORS_ONLN)"  # (nproc follows OMP_NUM_THREADS)
 mem_mb=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 1024 ))
 cat > "$conf" <<CONF
 ClusterName=vssl_local

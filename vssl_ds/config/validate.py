@@ -255,6 +255,8 @@ def check_environment(cfg: Config) -> None:
             _fail("data.train", f"{train!r} does not exist", "give a manifest.json, a brace pattern of shards or URLs "
                   "(tools/make_shards.py writes them)")
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
+    if run_dir.exists() and not run_dir.is_dir():
+        _fail("run.name", f"{run_dir} exists and is not a folder", "choose another run.name or run.out_dir")
     latest = run_dir / "checkpoints" / "latest"
     if latest.is_file() and not cfg.run.auto_resume and not cfg.run.overwrite:
         _fail("run.name", f"the run folder {run_dir} already holds checkpoints (latest: {latest.read_text().strip()})",
