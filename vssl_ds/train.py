@@ -8,7 +8,7 @@ import logging
 import signal
 import sys
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from pathlib import Path
 
 import torch
@@ -110,6 +110,8 @@ class Trainer:
         self.step, self.nonfinite_total, self.nonfinite_run = 0, 0, 0
         self.watchdog = Watchdog(cfg.run.hang_timeout, self.rank)
         self.preempted = False  # stopped by a signal, with a checkpoint
+        self._started, self._windows = time.monotonic(), deque(maxlen=10)  # (steps, seconds) of recent log windows
+        self._first_window = None
         self.scalars = Scalars(self.run_dir / "tb" if self.rank == 0 else None)
         self.flops_per_clip = 0.0
         self.peak_tflops = device_peak_tflops(device, cfg.run.peak_tflops)
@@ -149,6 +151,7 @@ class Trainer:
         if cfg.run.auto_resume:
             self.resume()
         stop = StopRequest()
+        self._started = time.monotonic()
         log.info("training %d steps (%d/epoch), global batch %d clips (%d videos x %d repeats) = %d/device x %d "
                  "devices x %d accumulation, precision %s, ZeRO-%d", self.total_steps, self.steps_per_epoch,
                  self.global_batch, self.global_videos, cfg.data.repeats,
@@ -327,11 +330,33 @@ class Trainer:
             scalars["opt/grad_norm"] = grad_norm
         if self.flops_per_clip and self.peak_tflops:
             scalars["perf/mfu"] = self.flops_per_clip * clips_per_s / (self.world * self.peak_tflops * 1e12)
+        eta = self._eta(n / self.accum, seconds)
+        scalars["perf/eta_h"] = eta / 3600
         self.scalars.add(scalars, self.step)
         terms = " ".join(f"{k}={v:.4f}" for k, v in means.items())
-        log.info("step %d/%d epoch %d %s lr=%.2e %.1f clips/s data-wait %.0f%% mem %.2f GiB", self.step,
-                 self.total_steps, self.loader.epoch, terms, scalars["opt/lr"], clips_per_s,
-                 100 * scalars["perf/data_wait_frac"], scalars["perf/peak_mem_gib"])
+        log.info("step %d/%d epoch %d %s lr=%.2e %.1f clips/s data-wait %.0f%% mem %.2f GiB elapsed %s eta %s",
+                 self.step, self.total_steps, self.loader.epoch, terms, scalars["opt/lr"], clips_per_s,
+                 100 * scalars["perf/data_wait_frac"], scalars["perf/peak_mem_gib"],
+                 _clock(time.monotonic() - self._started), _clock(eta))
+
+    def _eta(self, steps: float, seconds: float) -> float:
+        """Seconds to the last step, at the mean step time of the last 10 log windows (the first window, which
+        holds start-up and compilation, drops out once there are others)."""
+        if self._first_window is None:
+            self._first_window = (steps, seconds)
+        else:
+            self._windows.append((steps, seconds))
+        recent = self._windows or [self._first_window]
+        per_step = sum(t for _, t in recent) / max(sum(n for n, _ in recent), 1e-9)
+        return max(self.total_steps - self.step, 0) * per_step
+
+
+def _clock(seconds: float) -> str:
+    """h:mm:ss (d days h:mm:ss beyond a day)."""
+    seconds = int(round(seconds))
+    days, rest = divmod(seconds, 86400)
+    text = f"{rest // 3600}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
+    return f"{days}d {text}" if days else text
 
 
 def start_process(cfg: Config) -> torch.device:

@@ -54,7 +54,8 @@ def prune(ckpt_dir: Path, keep_last: int, protect: str) -> None:
     """Remove the oldest complete checkpoints beyond `keep_last` (never the one `latest` names)."""
     if keep_last <= 0:
         return
-    tags = sorted((p for p in ckpt_dir.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
+    tags = sorted(p for p in ckpt_dir.iterdir() if p.is_dir())  # step%08d: by step (mtimes change, e.g. when
+    # an elastic resume converts an old checkpoint to a universal one inside its folder)
     for old in tags[:-keep_last]:
         if old.name != protect:
             shutil.rmtree(old, ignore_errors=True)
