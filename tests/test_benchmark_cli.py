@@ -74,3 +74,10 @@ def test_gpu_check_refuses_to_run_without_a_gpu_unless_asked_for_the_cpu(tmp_pat
         main(["gpu", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="unknown"):
         main(["gpu", "--cpu", "--parts", "env,warp", "--out", str(tmp_path)])
+
+
+def test_monitor_benchmark_reports_the_share_per_rank_count(tmp_path):
+    assert main(["monitor", "--recipes", "tiny_mae", "--ranks", "1,4", "--json", str(tmp_path / "m.json")]) == 0
+    row = json.loads((tmp_path / "m.json").read_text())["tiny_mae"]
+    assert row["probe_gflop_per_clip"] > 0 and row["train_gflop_per_clip"] > 0
+    assert row["share_pct"]["1"] == pytest.approx(4 * row["share_pct"]["4"], rel=0.01)  # 32 clips: 32 vs 8 per rank

@@ -58,6 +58,10 @@ class Scalars:
             for name, value in scalars.items():
                 self.writer.add_scalar(name, value, step)
 
+    def text(self, tag: str, text: str, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_text(tag, text, step)
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.flush()

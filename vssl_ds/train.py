@@ -23,6 +23,7 @@ from .engine import dist
 from .engine.checkpoint import rng_state, set_rng_state
 from .engine.schedules import build_schedules, global_batch
 from .engine.watchdog import Watchdog
+from .monitor import HealthMonitor
 from .logging import Scalars, device_peak_tflops, peak_memory_gib, setup_console
 from .methods import build_method, cache_targets, mask_fns
 
@@ -115,6 +116,17 @@ class Trainer:
         self.scalars = Scalars(self.run_dir / "tb" if self.rank == 0 else None)
         self.flops_per_clip = 0.0
         self.peak_tflops = device_peak_tflops(device, cfg.run.peak_tflops)
+        self.monitor = self._health_monitor()
+        self._monitor_seconds = 0.0
+
+    def _health_monitor(self) -> HealthMonitor | None:
+        from .methods import ENCODER_PREFIX
+
+        prefix = ENCODER_PREFIX.get(self.cfg.method.name)
+        if not self.cfg.monitor.every or prefix is None:
+            return None
+        encoder = self.engine.ds.module.get_submodule(prefix.rstrip("."))
+        return HealthMonitor(self.cfg, encoder, self.device, self.run_dir, self.scalars)
 
     # --- state ------------------------------------------------------------------------------------
     def save(self) -> None:
@@ -168,6 +180,10 @@ class Trainer:
                 return self.run_dir
             if saved != self.step or not self.ckpt_dir.joinpath("latest").is_file():
                 self.save()
+            if self._monitor_seconds:
+                log.info("health monitor: %.1f s, %.2f%% of the training time (monitor.every=%d)", self._monitor_seconds,
+                         100 * self._monitor_seconds / max(time.monotonic() - self._started, 1e-9),
+                         self.cfg.monitor.every)
             self.watchdog.beat("exporting the final weights", self.step)
             self.export_final()
         self.scalars.close()
@@ -230,6 +246,10 @@ class Trainer:
                 continue
             self.step += 1
             self.method.after_step(self.step)
+            if self.monitor is not None and self.monitor.due(self.step):
+                t_monitor = time.perf_counter()
+                self.monitor.run(self.step)
+                self._monitor_seconds += time.perf_counter() - t_monitor
             if self.step % cfg.run.log_every == 0 or self.step == self.total_steps:
                 self._log(window, time.perf_counter() - tick)
                 window, tick = defaultdict(float), time.perf_counter()
@@ -243,6 +263,8 @@ class Trainer:
 
     def _micro_step(self, batch, window) -> bool:
         """Forward, backward and (at the accumulation boundary) the optimizer step; False if skipped."""
+        if self.monitor is not None:
+            self.monitor.collect(batch.video)  # the probe set: the first clips this rank trains on
         batch = batch.to(self.device, self.cfg.data.mean, self.cfg.data.std)
         out = self.method(batch)
         (bad,) = dist.any_true([not bool(torch.isfinite(out.loss))], self.device)

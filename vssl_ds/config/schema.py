@@ -234,6 +234,13 @@ class EvalConfig:
 
 
 @dataclass
+class MonitorConfig:
+    every: int = 500  # optimizer steps between health probes of the encoder (0 = off); see vssl_ds/monitor.py
+    clips: int = 64  # probe clips over all ranks (the first clips each rank trains on, kept for the whole run)
+    collapse_drop: float = 0.5  # collapse alarm: RankMe or feature std below this x the best the run has reached
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -242,6 +249,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
 
 # choices that a type alone cannot express; checked before any work starts

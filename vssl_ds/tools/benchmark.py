@@ -4,6 +4,7 @@
     vssl-benchmark attention [--tokens 1568 --heads 12 --head-dim 64 --batch 8] [--backends math,sdpa,xformers]
     vssl-benchmark model [--models vit_base_video,vit_large_video] [--mask-ratio 0.9] [--grad-ckpt]
     vssl-benchmark cache [--student vit_small_video --image-teacher vit2d_base_patch16 --video-teacher vit_base_video]
+    vssl-benchmark monitor [--recipes videomae_vit_b,lstcl_mocov3_vit_b] [--ranks 1,8,64]   (health monitor's share of compute)
     vssl-benchmark temporal [--methods mae,vicmae,mvd,iboot,lstcl,bevt] [--steps 300]   (see temporal.py)
     vssl-benchmark gpu [--cpu] [--parts env,attention,mae,zero3,mvd,data,e2e] [--budget 480]   (see gpu_bench.py)
 
@@ -65,6 +66,11 @@ def parse_args(argv=None):
     c.add_argument("--batch", type=int, default=2)
     c.add_argument("--frames", type=int, default=16)
     c.add_argument("--size", type=int, default=224)
+    h = sub.add_parser("monitor", help="the health monitor's share of the training compute (FLOPs counted on the "
+                                       "CPU) at each recipe's settings, per number of ranks")
+    h.add_argument("--recipes", default="videomae_vit_b,lstcl_mocov3_vit_b")
+    h.add_argument("--ranks", default="1,8,64")
+    h.add_argument("--json", default="")
     from .gpu_bench import add_args as add_gpu
     from .temporal import add_args
 
@@ -367,13 +373,57 @@ def bench_cache(args) -> dict:
     return out
 
 
+def bench_monitor(args) -> dict:
+    """FLOPs of one training step (3 x the method's forward, per clip: masking, teachers and decoders included)
+    against the monitor's probe (the encoder, every token, once per probe clip), at the recipe's batch, accumulation,
+    monitor.every and monitor.clips; the probe clips are split over the ranks."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ..config.loader import load_config
+    from ..data.batch import Batch
+    from ..eval.classifier import pooled
+    from ..methods import ENCODER_PREFIX, build_method, mask_fns
+
+    out = {}
+    for recipe in args.recipes.split(","):
+        cfg = load_config(recipe, [])
+        torch.manual_seed(0)
+        method = build_method(cfg).eval()
+        d, rng = cfg.data, np.random.default_rng(0)
+        video = torch.randn(1, 3, d.num_frames, d.size, d.size)
+        fn = mask_fns(cfg)[0]
+        batch = Batch(video=video, mask=torch.from_numpy(np.stack([fn(rng)])) if fn else None,
+                      views={"long": torch.randn(1, 3, d.num_frames, d.size, d.size)})
+        flops = []
+        for run in (lambda: method(batch), lambda: pooled(method.trainable.get_submodule(
+                ENCODER_PREFIX[cfg.method.name].rstrip(".")), video, "mean")):
+            counter = FlopCounterMode(display=False)
+            with counter, torch.no_grad():
+                run()
+            flops.append(counter.get_total_flops())
+        train, probe = 3 * flops[0], flops[1]
+        row = {"train_gflop_per_clip": round(train / 1e9, 1), "probe_gflop_per_clip": round(probe / 1e9, 1),
+               "batch": d.batch_size, "grad_accum": cfg.engine.grad_accum, "every": cfg.monitor.every,
+               "clips": cfg.monitor.clips, "share_pct": {}}
+        for ranks in map(int, args.ranks.split(",")):
+            per_rank = -(-cfg.monitor.clips // ranks)
+            row["share_pct"][ranks] = round(100 * per_rank * probe /
+                                            (cfg.monitor.every * d.batch_size * cfg.engine.grad_accum * train), 4)
+        out[recipe] = row
+        print(f"{recipe:22s} step {row['train_gflop_per_clip']:7.1f} GFLOP/clip x {d.batch_size} x "
+              f"{cfg.engine.grad_accum} accumulation; probe {row['probe_gflop_per_clip']:7.1f} GFLOP/clip x "
+              f"{cfg.monitor.clips} clips every {cfg.monitor.every} steps → monitor share "
+              + ", ".join(f"{v}% on {k} rank(s)" for k, v in row["share_pct"].items()), flush=True)
+    return out
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from .gpu_bench import bench_gpu
     from .temporal import bench_temporal
 
     result = {"data": bench_data, "attention": bench_attention, "model": bench_model,
-              "cache": bench_cache, "temporal": bench_temporal, "gpu": bench_gpu}[args.what](args)
+              "cache": bench_cache, "temporal": bench_temporal, "gpu": bench_gpu, "monitor": bench_monitor}[args.what](args)
     if getattr(args, "json", ""):
         Path(args.json).write_text(json.dumps(result, indent=1))
     return 0

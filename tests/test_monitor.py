@@ -1,0 +1,90 @@
+"""The health monitor (vssl_ds/monitor.py): its statistics against values worked out by hand, the collapse alarm,
+and a run with the monitor ending bitwise where the same run without it ends (it never touches the training RNG or
+data stream)."""
+import logging
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import ROOT, TINY, overrides
+from vssl_ds.config.loader import load_config
+from vssl_ds.monitor import HealthMonitor, health
+
+
+def test_statistics_against_hand_computed_values():
+    # two orthogonal directions with singular values 3 and 1: p = (3/4, 1/4), RankMe = exp(H(p))
+    u = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+    f = u @ torch.diag(torch.tensor([3.0, 1.0]))
+    assert health(f)["rankme"] == pytest.approx(math.exp(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25))), rel=1e-6)
+    # every clip the same point: collapse — no spread, rank 1, cosine 1
+    same = health(torch.ones(16, 8) * torch.arange(1.0, 9.0))
+    assert same["feat_std_mean"] == pytest.approx(0.0, abs=1e-9) and same["rankme"] == pytest.approx(1.0, abs=1e-6)
+    assert same["cos_mean"] == pytest.approx(1.0)
+    # isotropic Gaussian features: std of unit vectors x sqrt(D) ≈ 1, near-full rank, cosine ≈ 0
+    g = health(torch.randn(4096, 16, generator=torch.Generator().manual_seed(0)))
+    assert 0.95 < g["feat_std_mean"] < 1.05 and g["rankme"] > 15.5 and abs(g["cos_mean"]) < 0.01
+    # a pair of clips at a known angle
+    assert health(torch.tensor([[1.0, 0.0], [0.6, 0.8]]))["cos_mean"] == pytest.approx(0.6)
+
+
+class _Collapsing(nn.Module):  # an encoder whose clips spread out until `collapsed`, then all map to one point
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(3 * 2 * 8 * 8, 4 * 8)
+        self.collapsed = False
+
+    def forward(self, video, mask=None):
+        x = self.proj(video.flatten(1)).view(video.shape[0], 4, 8)
+        return torch.ones_like(x) if self.collapsed else x
+
+
+class _Recorder:
+    def __init__(self):
+        self.scalars, self.texts = {}, []
+
+    def add(self, scalars, step):
+        self.scalars.update(scalars)
+
+    def text(self, tag, text, step):
+        self.texts.append((tag, text))
+
+
+def test_a_collapse_after_learning_raises_the_alarm_once(tmp_path, caplog):
+    cfg = load_config("tiny_mae", ["monitor.every=1", "monitor.clips=6"])
+    rec, encoder = _Recorder(), _Collapsing()
+    mon = HealthMonitor(cfg, encoder, torch.device("cpu"), tmp_path, rec)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        mon.collect(torch.randint(0, 255, (4, 3, 2, 8, 8), dtype=torch.uint8, generator=g))
+    assert len(mon.probe) == 6 and (tmp_path / "monitor" / "probe_rank0.pt").is_file()  # kept for a resume
+    with caplog.at_level(logging.WARNING):
+        mon.run(1)  # spread out: no alarm, the best so far
+        assert rec.scalars["monitor/rankme"] > 2 and not rec.texts
+        encoder.collapsed = True
+        mon.run(2)
+        mon.run(3)
+    alarms = [r for r in caplog.records if "possible representation collapse" in r.getMessage()]
+    assert len(alarms) == 1 and "learning rate" in alarms[0].getMessage()  # once, with what to check
+    assert rec.texts and rec.texts[0][0] == "monitor/alarm" and rec.scalars["monitor/feat_std_mean"] < 1e-6
+
+
+@pytest.mark.slow
+def test_the_monitor_leaves_the_run_bitwise_unchanged(shards, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    runs = {}
+    for name, every in (("with", 2), ("without", 0)):
+        sets = [*TINY, "run.max_steps=8", f"data.train={shards}", f"run.out_dir={tmp_path}", f"run.name={name}",
+                f"monitor.every={every}", "monitor.clips=8", "model.drop_path=0.1"]  # drop path: the RNG is in use
+        proc = subprocess.run([sys.executable, str(ROOT / "pretrain.py"), "--config", "tiny_mae", *overrides(*sets)],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[name] = torch.load(tmp_path / name / "final_model.pt")
+        if every:
+            assert "health monitor:" in proc.stdout + proc.stderr and (tmp_path / name / "monitor" / "probe_rank0.pt").is_file()
+    for k in runs["without"]:
+        torch.testing.assert_close(runs["with"][k], runs["without"][k], rtol=0, atol=0, msg=k)

@@ -1,0 +1,123 @@
+"""Label-free health of the encoder during pretraining: is it learning, or collapsing?
+
+Every `monitor.every` optimizer steps, the encoder (as the engine holds it: ZeRO-3 parameters are gathered by the
+forward itself) encodes a fixed probe set without masking, in eval mode, under no_grad and with the RNG states
+saved and restored, so the run's weights are bitwise those of a run without the monitor. The probe set is the first
+`monitor.clips / ranks` clips each rank trains on (no extra data read), kept in `<run>/monitor/probe_rank<r>.pt` so
+a resumed run probes the same clips. Pooled features of all ranks are gathered; rank 0 writes to TensorBoard:
+
+- monitor/feat_std_mean, monitor/feat_std_min: per-dimension std of the L2-normalised features x sqrt(D) (about 1
+  when the features spread over the sphere; towards 0 when every clip maps to the same point: collapse),
+- monitor/rankme: effective rank of the features (RankMe: exp of the entropy of the normalised singular values),
+  and monitor/rankme_frac = rankme / min(clips, D),
+- monitor/cos_mean: mean cosine similarity between different clips (towards 1: collapse).
+
+A collapse alarm (a warning and a TensorBoard text entry) fires when the effective rank or the feature std falls
+below `monitor.collapse_drop` x the highest value this run has reached. Relative, because absolute levels say little:
+a randomly initialised ViT's mean-pooled features are nearly identical for every clip (cosine ~1, RankMe ~1), and a
+masked-modelling run climbs from there; what must never happen is a fall back after learning.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .engine import dist
+
+log = logging.getLogger(__name__)
+
+
+def health(features: torch.Tensor) -> dict[str, float]:
+    """features [N,D] → the label-free statistics above (float64 maths)."""
+    f = features.double()
+    n, d = f.shape
+    unit = torch.nn.functional.normalize(f, dim=1)
+    std = unit.std(dim=0, unbiased=True) * d ** 0.5
+    sigma = torch.linalg.svdvals(f)
+    p = sigma / sigma.sum().clamp_min(1e-12) + 1e-12
+    rankme = float(torch.exp(-(p * p.log()).sum()))
+    cos = unit @ unit.T
+    off = (cos.sum() - cos.diagonal().sum()) / max(n * (n - 1), 1)
+    return {"feat_std_mean": float(std.mean()), "feat_std_min": float(std.min()), "rankme": rankme,
+            "rankme_frac": rankme / min(n, d), "cos_mean": float(off)}
+
+
+class HealthMonitor:
+    def __init__(self, cfg, encoder: nn.Module, device: torch.device, run_dir: Path, scalars):
+        from .eval.classifier import pooled
+
+        m = cfg.monitor
+        self.every, self.drop = m.every, m.collapse_drop
+        self.best = {"rankme": 0.0, "feat_std_mean": 0.0}
+        self.want = -(-m.clips // dist.world()) if m.every else 0  # clips this rank contributes
+        self.encoder, self.device, self.scalars, self._pooled = encoder, device, scalars, pooled
+        self.mean, self.std = cfg.data.mean, cfg.data.std
+        self.path = run_dir / "monitor" / f"probe_rank{dist.rank()}.pt"
+        self.probe: torch.Tensor | None = None  # [n,C,T,H,W] uint8
+        self.alarmed = False
+        if self.want and self.path.is_file():
+            self.probe = torch.load(self.path, weights_only=True)
+
+    def collect(self, video: torch.Tensor | None) -> None:
+        """Keep the first training clips (host uint8, before normalisation) until this rank has its share."""
+        if not self.want or video is None or (self.probe is not None and len(self.probe) >= self.want):
+            return
+        take = video[: self.want - (0 if self.probe is None else len(self.probe))].clone()
+        self.probe = take if self.probe is None else torch.cat([self.probe, take])
+        if len(self.probe) >= self.want:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(self.probe, self.path)
+
+    def due(self, step: int) -> bool:
+        return bool(self.every) and step % self.every == 0
+
+    def run(self, step: int) -> dict[str, float]:
+        """Every rank calls this at the same step (ZeRO-3 forwards and the gather are collectives)."""
+        from .data.transforms import normalize
+
+        t0 = time.perf_counter()
+        devices = [self.device] if self.device.type == "cuda" else []
+        was_training = self.encoder.training
+        probe = self.probe if self.probe is not None else torch.zeros(0, dtype=torch.uint8)
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            self.encoder.eval()
+            try:
+                feats = []
+                for chunk in probe.split(8) if len(probe) else [probe]:
+                    x = normalize(chunk.to(self.device), self.mean, self.std)
+                    feats.append(self._pooled(self.encoder, x, "mean").float() if len(chunk) else
+                                 torch.zeros(0, 1, device=self.device))
+            finally:
+                self.encoder.train(was_training)
+        mine = torch.cat(feats).cpu()
+        everyone = [f for f in dist.all_gather_object(mine) if len(f)]
+        if dist.rank() != 0 or not everyone:
+            return {}
+        stats = health(torch.cat(everyone))
+        stats["seconds"] = time.perf_counter() - t0
+        self.scalars.add({f"monitor/{k}": v for k, v in stats.items()}, step)
+        self._alarm(stats, step)
+        return stats
+
+    def _alarm(self, stats: dict[str, float], step: int) -> None:
+        fallen = [k for k in self.best if self.best[k] > 0 and stats[k] < self.drop * self.best[k]]
+        for k in self.best:
+            self.best[k] = max(self.best[k], stats[k])
+        if not fallen:
+            self.alarmed = False
+            return
+        if self.alarmed:
+            return
+        self.alarmed = True
+        names = {"rankme": "effective rank (RankMe)", "feat_std_mean": "feature std"}
+        what = " and ".join(f"{names[k]} {stats[k]:.3g}, below {self.drop:g} x its best {self.best[k]:.3g}"
+                            for k in fallen)
+        text = (f"possible representation collapse at step {step}: {what} (monitor.collapse_drop={self.drop:g}). "
+                "Check the learning rate and warm-up, the EMA momentum / predictor (BYOL, SimSiam), the temperature "
+                "(MoCo v3, ViC-MAE), weight decay, and that the views differ; keep the checkpoint from before the fall")
+        log.warning("%s", text)
+        self.scalars.text("monitor/alarm", text, step)
