@@ -88,3 +88,36 @@ def test_the_monitor_leaves_the_run_bitwise_unchanged(shards, tmp_path):
             assert "health monitor:" in proc.stdout + proc.stderr and (tmp_path / name / "monitor" / "probe_rank0.pt").is_file()
     for k in runs["without"]:
         torch.testing.assert_close(runs["with"][k], runs["without"][k], rtol=0, atol=0, msg=k)
+
+
+@pytest.mark.slow
+def test_on_a_terminal_rank_0_shows_a_progress_bar(shards, tmp_path):
+    """On a (pseudo-)terminal of 160 columns the run draws a tqdm bar (steps of the total, rate, ETA, last loss)
+    with the log lines above it; off a terminal (every other test) there is no bar."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    sets = [*TINY, "run.max_steps=6", "run.log_every=3", f"data.train={shards}", f"run.out_dir={tmp_path}",
+            "run.name=tty", "data.num_workers=1"]
+    cmd = [sys.executable, str(ROOT / "pretrain.py"), "--config", "tiny_mae", *overrides(*sets)]
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
+                            stdin=slave, stdout=slave, stderr=slave, close_fds=True)
+    os.close(slave)
+    out = bytearray()
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # the terminal closed: the run has ended
+            break
+        if not data:
+            break
+        out.extend(data)
+    os.close(master)
+    assert proc.wait(timeout=120) == 0, out.decode(errors="replace")[-3000:]
+    text = out.decode(errors="replace")
+    assert "tty: 100%" in text and "6/6 [" in text and "step/s" in text and "loss 1." in text, text[-3000:]
+    assert "step 6/6 epoch" in text  # the log lines still come

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -111,6 +112,7 @@ class Trainer:
         self.step, self.nonfinite_total, self.nonfinite_run = 0, 0, 0
         self.watchdog = Watchdog(cfg.run.hang_timeout, self.rank)
         self.preempted = False  # stopped by a signal, with a checkpoint
+        self.bar = None  # rank 0's progress bar on a terminal
         self._started, self._windows = time.monotonic(), deque(maxlen=10)  # (steps, seconds) of recent log windows
         self._first_window = None
         self.scalars = Scalars(self.run_dir / "tb" if self.rank == 0 else None)
@@ -118,6 +120,24 @@ class Trainer:
         self.peak_tflops = device_peak_tflops(device, cfg.run.peak_tflops)
         self.monitor = self._health_monitor()
         self._monitor_seconds = 0.0
+
+    @contextlib.contextmanager
+    def _progress_bar(self):
+        """Rank 0 on a terminal: a progress bar (steps, rate, ETA, last loss) with the log lines printed above it."""
+        self.bar = None
+        if self.rank != 0 or not sys.stderr.isatty():
+            yield
+            return
+        from tqdm import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        with tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
+                  desc=self.cfg.run.name) as bar, logging_redirect_tqdm():
+            self.bar = bar
+            try:
+                yield
+            finally:
+                self.bar = None
 
     def _health_monitor(self) -> HealthMonitor | None:
         from .methods import ENCODER_PREFIX
@@ -170,7 +190,7 @@ class Trainer:
                  cfg.data.batch_size, self.world, self.accum, self.engine.precision, cfg.engine.zero_stage)
         self._fresh_epoch = not self._resumed_mid_epoch()
         self._batches = iter(self.loader)
-        with self.watchdog:
+        with self.watchdog, self._progress_bar():
             try:
                 saved, preempted = self._loop(stop)
             finally:  # shut the data workers down while the interpreter is whole (else exit can hang)
@@ -246,6 +266,8 @@ class Trainer:
                 continue
             self.step += 1
             self.method.after_step(self.step)
+            if self.bar is not None:
+                self.bar.update(1)
             if self.monitor is not None and self.monitor.due(self.step):
                 t_monitor = time.perf_counter()
                 self.monitor.run(self.step)
@@ -353,6 +375,8 @@ class Trainer:
         if self.flops_per_clip and self.peak_tflops:
             scalars["perf/mfu"] = self.flops_per_clip * clips_per_s / (self.world * self.peak_tflops * 1e12)
         eta = self._eta(n / self.accum, seconds)
+        if self.bar is not None and "loss" in means:
+            self.bar.set_postfix_str(f"loss {means['loss']:.4f}", refresh=False)
         scalars["perf/eta_h"] = eta / 3600
         self.scalars.add(scalars, self.step)
         terms = " ".join(f"{k}={v:.4f}" for k, v in means.items())
