@@ -121,3 +121,35 @@ def test_on_a_terminal_rank_0_shows_a_progress_bar(shards, tmp_path):
     text = out.decode(errors="replace")
     assert "tty: 100%" in text and "6/6 [" in text and "step/s" in text and "loss 1." in text, text[-3000:]
     assert "step 6/6 epoch" in text  # the log lines still come
+
+
+def test_mae_reconstruction_of_a_perfect_prediction_is_the_clip(tmp_path):
+    """With predictions equal to the normalised-pixel targets of the hidden tubelets, the de-normalised, pasted
+    reconstruction is the original clip; the masked input is grey exactly where the mask hides; the TensorBoard
+    grid stacks original / masked / reconstruction per clip."""
+    import numpy as np
+
+    from vssl_ds.methods import build_method, mask_fns
+    from vssl_ds.methods.losses import pixel_targets
+    from vssl_ds.monitor import contact_sheet
+
+    cfg = load_config("tiny_mae", [*TINY, "monitor.images=2"])
+    method = build_method(cfg)
+    fn = mask_fns(cfg)[0]
+    mask = torch.from_numpy(np.stack([fn(np.random.default_rng(i)) for i in range(2)]))
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.rand(2, 3, 8, 32, 32, generator=g)
+    video = (pixels - method.mean) / method.std
+
+    class Oracle(nn.Module):
+        def forward(self, v, m):
+            return pixel_targets(v * method.std + method.mean, method.patch_size, True)[m].reshape(2, -1, 2 * 8 * 8 * 3)
+
+    method.trainable = Oracle()
+    out = method.reconstruct(video, mask)
+    torch.testing.assert_close(out["reconstruction"], pixels, atol=1e-4, rtol=0)
+    torch.testing.assert_close(out["original"], pixels, atol=1e-6, rtol=0)
+    grey = (out["masked"] == 0.5).all(dim=1)  # [B,T,H,W]: hidden pixels
+    assert grey.float().mean().item() == pytest.approx(mask.float().mean().item(), abs=0.01)
+    sheet = contact_sheet(out, frames=4, gap=2)
+    assert sheet.shape == (3, 2 * 3 * (32 + 2), 4 * (32 + 2))

@@ -58,6 +58,11 @@ class Scalars:
             for name, value in scalars.items():
                 self.writer.add_scalar(name, value, step)
 
+    def image(self, tag: str, image: torch.Tensor, step: int) -> None:
+        """image [C,H,W] in [0,1]."""
+        if self.writer is not None:
+            self.writer.add_image(tag, image.clamp(0, 1), step)
+
     def text(self, tag: str, text: str, step: int) -> None:
         if self.writer is not None:
             self.writer.add_text(tag, text, step)

@@ -12,6 +12,10 @@ a resumed run probes the same clips. Pooled features of all ranks are gathered; 
   and monitor/rankme_frac = rankme / min(clips, D),
 - monitor/cos_mean: mean cosine similarity between different clips (towards 1: collapse).
 
+For masked-pixel methods (VideoMAE) `monitor/reconstruction` is an image grid of the first `monitor.images` probe
+clips, one row each of original frames, masked input and reconstruction (a fixed mask per clip), over a few time
+steps.
+
 A collapse alarm (a warning and a TensorBoard text entry) fires when the effective rank or the feature std falls
 below `monitor.collapse_drop` x the highest value this run has reached. Relative, because absolute levels say little:
 a randomly initialised ViT's mean-pooled features are nearly identical for every clip (cosine ~1, RankMe ~1), and a
@@ -46,10 +50,28 @@ def health(features: torch.Tensor) -> dict[str, float]:
             "rankme_frac": rankme / min(n, d), "cos_mean": float(off)}
 
 
+def contact_sheet(rows: dict[str, torch.Tensor], frames: int = 4, gap: int = 2) -> torch.Tensor:
+    """{name: [B,C,T,H,W] in [0,1]} → one image [C, B*len(rows)*(H+gap), frames*(W+gap)]: for every clip a row
+    per entry (in order), `frames` time steps spread over the clip."""
+    first = next(iter(rows.values()))
+    b, c, t, h, w = first.shape
+    picks = torch.linspace(0, t - 1, min(frames, t)).round().long()
+    sheet = torch.ones(c, b * len(rows) * (h + gap), len(picks) * (w + gap))
+    for i in range(b):
+        for j, video in enumerate(rows.values()):
+            top = (i * len(rows) + j) * (h + gap)
+            for col, f in enumerate(picks):
+                sheet[:, top:top + h, col * (w + gap):col * (w + gap) + w] = video[i, :, f].float().cpu()
+    return sheet
+
+
 class HealthMonitor:
-    def __init__(self, cfg, encoder: nn.Module, device: torch.device, run_dir: Path, scalars):
+    def __init__(self, cfg, encoder: nn.Module, device: torch.device, run_dir: Path, scalars, method=None,
+                 mask_fn=None):
         from .eval.classifier import pooled
 
+        self.method, self.mask_fn, self.images = method, mask_fn, cfg.monitor.images
+        self.seed = cfg.run.seed
         m = cfg.monitor
         self.every, self.drop = m.every, m.collapse_drop
         self.best = {"rankme": 0.0, "feat_std_mean": 0.0}
@@ -94,14 +116,40 @@ class HealthMonitor:
             finally:
                 self.encoder.train(was_training)
         mine = torch.cat(feats).cpu()
+        grid = self._reconstructions(probe, devices)
         everyone = [f for f in dist.all_gather_object(mine) if len(f)]
         if dist.rank() != 0 or not everyone:
             return {}
         stats = health(torch.cat(everyone))
         stats["seconds"] = time.perf_counter() - t0
         self.scalars.add({f"monitor/{k}": v for k, v in stats.items()}, step)
+        if grid is not None:
+            self.scalars.image("monitor/reconstruction", grid, step)
         self._alarm(stats, step)
         return stats
+
+    def _reconstructions(self, probe: torch.Tensor, devices) -> torch.Tensor | None:
+        """Every rank (ZeRO-3 forwards are collective) → rank 0's image grid [3,H,W] in [0,1], or None."""
+        import numpy as np
+
+        from .data.transforms import normalize
+
+        k = min(self.images, len(probe))
+        if not k or self.mask_fn is None or not hasattr(self.method, "reconstruct"):
+            return None
+        masks = torch.from_numpy(np.stack([self.mask_fn(np.random.default_rng([self.seed, 7, i])) for i in range(k)]))
+        trainable = self.method.trainable
+        was_training = trainable.training
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            trainable.eval()
+            try:
+                x = normalize(probe[:k].to(self.device), self.mean, self.std)
+                out = self.method.reconstruct(x, masks.to(self.device))
+            finally:
+                trainable.train(was_training)
+        if dist.rank() != 0:
+            return None
+        return contact_sheet(out)
 
     def _alarm(self, stats: dict[str, float], step: int) -> None:
         fallen = [k for k in self.best if self.best[k] > 0 and stats[k] < self.drop * self.best[k]]

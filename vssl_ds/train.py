@@ -146,7 +146,8 @@ class Trainer:
         if not self.cfg.monitor.every or prefix is None:
             return None
         encoder = self.engine.ds.module.get_submodule(prefix.rstrip("."))
-        return HealthMonitor(self.cfg, encoder, self.device, self.run_dir, self.scalars)
+        return HealthMonitor(self.cfg, encoder, self.device, self.run_dir, self.scalars, self.method,
+                             mask_fns(self.cfg)[0])
 
     # --- state ------------------------------------------------------------------------------------
     def save(self) -> None:

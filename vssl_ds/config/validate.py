@@ -54,7 +54,8 @@ def check_values(cfg: Config) -> None:
               "use letters, digits and - _ . + = , @; put the folder in run.out_dir")
     _at_least(cfg, 0, "run.seed", "run.epochs", "run.max_steps", "run.stop_at", "run.ckpt_every", "run.keep_last")
     _at_least(cfg, 1, "run.log_every", "run.max_nonfinite")
-    _at_least(cfg, 0, "run.peak_tflops", "run.hang_timeout", "monitor.every")
+    _at_least(cfg, 0, "run.peak_tflops", "run.hang_timeout", "monitor.every",
+              "monitor.images")
     _at_least(cfg, 2, "monitor.clips", fix="set monitor.clips to 2 or more (64 is the default)")
     _ratio(cfg, "monitor.collapse_drop", fix="give a fraction of the best value, e.g. monitor.collapse_drop=0.5")
     if r.epochs == 0 and r.max_steps == 0 and cfg.method.name in PRETRAINING + ("finetune", "linear", "attentive"):

@@ -5,13 +5,14 @@ import math
 
 import torch
 import torch.nn as nn
+from einops import rearrange
 
 from ..config.schema import Config
 from ..data.batch import Batch
 from ..models import build_encoder
 from ..models.heads import MaskedDecoder
 from .base import Method, StepOutput, restore_decoders
-from .losses import masked_mse, pixel_targets
+from .losses import masked_mse, patchify, pixel_targets
 
 
 class MAEStudent(nn.Module):
@@ -46,3 +47,27 @@ class VideoMAE(Method):
             targets = pixel_targets(pixels, self.patch_size, self.norm_pix)  # [B,N,P*C]
         loss = masked_mse(pred, targets, batch.mask)
         return StepOutput(loss, {"loss/pixel": loss.detach()})
+
+    @torch.no_grad()
+    def reconstruct(self, video: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What the model makes of masked clips, to look at: video [B,C,T,H,W] normalised, mask [B,N] → original,
+        masked input (hidden tubelets grey) and reconstruction (predicted tubelets pasted into the visible ones;
+        with norm_pix_loss the prediction is de-normalised with each tubelet's own mean and std, as the MAE demo
+        does), each [B,C,T,H,W] in [0,1]."""
+        pred = self.trainable(video, mask).float()  # the module itself: no engine counters, ZeRO-3 hooks gather
+        pixels = (video.float() * self.std + self.mean).clamp(0, 1)
+        x = patchify(pixels, self.patch_size)  # [B,N,P,C]
+        b, n, p, c = x.shape
+        guess = pred.reshape(-1, p, c)
+        if self.norm_pix:
+            hidden = x[mask]
+            guess = guess * (hidden.var(dim=-2, unbiased=True, keepdim=True).sqrt() + 1e-6) + \
+                hidden.mean(dim=-2, keepdim=True)
+        recon, masked = x.clone(), x.clone()
+        recon[mask] = guess.clamp(0, 1)
+        masked[mask] = 0.5
+        pt, ph, pw = self.patch_size
+        t, h, w = pixels.shape[2] // pt, pixels.shape[3] // ph, pixels.shape[4] // pw
+        back = lambda z: rearrange(z, "b (t h w) (p0 p1 p2) c -> b c (t p0) (h p1) (w p2)", t=t, h=h, w=w,  # noqa
+                                   p0=pt, p1=ph, p2=pw)
+        return {"original": pixels, "masked": back(masked), "reconstruction": back(recon)}
