@@ -79,12 +79,14 @@ def test_the_monitor_leaves_the_run_bitwise_unchanged(shards, tmp_path):
     runs = {}
     for name, every in (("with", 2), ("without", 0)):
         sets = [*TINY, "run.max_steps=8", f"data.train={shards}", f"run.out_dir={tmp_path}", f"run.name={name}",
-                f"monitor.every={every}", "monitor.clips=8", "model.drop_path=0.1"]  # drop path: the RNG is in use
+                f"monitor.every={every}", "monitor.clips=8", "model.drop_path=0.1",  # drop path: the RNG is in use
+                *([f"monitor.val={shards}"] if every else [])]  # the kNN probe reads other data mid-run
         proc = subprocess.run([sys.executable, str(ROOT / "pretrain.py"), "--config", "tiny_mae", *overrides(*sets)],
                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs[name] = torch.load(tmp_path / name / "final_model.pt")
         if every:
+            assert "monitor kNN top-1" in proc.stdout + proc.stderr
             assert "health monitor:" in proc.stdout + proc.stderr and (tmp_path / name / "monitor" / "probe_rank0.pt").is_file()
     for k in runs["without"]:
         torch.testing.assert_close(runs["with"][k], runs["without"][k], rtol=0, atol=0, msg=k)

@@ -65,8 +65,10 @@ def test_deepspeed_hostfile_two_nodes_over_pdsh(shards, tmp_path):
 
 def test_four_ranks_under_zero3(shards, tmp_path):
     """4 ranks x 1 data worker over 8 shards, parameters partitioned 4 ways (ZeRO-3); the health monitor's probe
-    forwards gather the partitioned encoder on every rank and its features are gathered over the 4 ranks."""
+    forwards gather the partitioned encoder on every rank and its features are gathered over the 4 ranks; its kNN
+    probe extracts in lockstep (a rank out of clips keeps joining the collective forwards)."""
     launch(_args(shards, tmp_path, "four", 4, "engine.zero_stage=3", "data.num_workers=1", "monitor.every=2",
-                 "monitor.clips=8"), ranks=4, timeout=400)
+                 "monitor.clips=8", f"monitor.val={shards}"), ranks=4, timeout=400)
     check_run(tmp_path / "four", ("train/loss", "monitor/rankme", "monitor/feat_std_mean"), points=2)
+    check_run(tmp_path / "four", ("monitor/knn_top1",), points=3)  # before the first step, then at steps 2 and 4
     assert len(list((tmp_path / "four" / "monitor").glob("probe_rank*.pt"))) == 4

@@ -12,6 +12,10 @@ a resumed run probes the same clips. Pooled features of all ranks are gathered; 
   and monitor/rankme_frac = rankme / min(clips, D),
 - monitor/cos_mean: mean cosine similarity between different clips (towards 1: collapse).
 
+With `monitor.val` (labelled shards), also `monitor/knn_top1`: leave-one-out weighted kNN accuracy (DINO's vote,
+eval.knn_k / eval.knn_t) of the frozen pooled features of those clips, every rank extracting its share; probed once
+before the first step too, so the curve starts at the random initialisation.
+
 For masked-pixel methods (VideoMAE) `monitor/reconstruction` is an image grid of the first `monitor.images` probe
 clips, one row each of original frames, masked input and reconstruction (a fixed mask per clip), over a few time
 steps.
@@ -71,7 +75,9 @@ class HealthMonitor:
         from .eval.classifier import pooled
 
         self.method, self.mask_fn, self.images = method, mask_fn, cfg.monitor.images
-        self.seed = cfg.run.seed
+        self.seed, self.cfg, self.val = cfg.run.seed, cfg, cfg.monitor.val
+        self.lockstep = cfg.engine.zero_stage == 3  # every forward is collective: ranks out of clips keep stepping
+        self.knn_history: list[tuple[int, float]] = []
         m = cfg.monitor
         self.every, self.drop = m.every, m.collapse_drop
         self.best = {"rankme": 0.0, "feat_std_mean": 0.0}
@@ -118,15 +124,62 @@ class HealthMonitor:
         mine = torch.cat(feats).cpu()
         grid = self._reconstructions(probe, devices)
         everyone = [f for f in dist.all_gather_object(mine) if len(f)]
+        knn = self.knn(step, log_it=False)
         if dist.rank() != 0 or not everyone:
             return {}
         stats = health(torch.cat(everyone))
+        if knn is not None:
+            stats["knn_top1"] = knn
         stats["seconds"] = time.perf_counter() - t0
         self.scalars.add({f"monitor/{k}": v for k, v in stats.items()}, step)
         if grid is not None:
             self.scalars.image("monitor/reconstruction", grid, step)
         self._alarm(stats, step)
         return stats
+
+    def knn(self, step: int, log_it: bool = True) -> float | None:
+        """Leave-one-out weighted kNN top-1 (%) on monitor.val with the current encoder; every rank calls this."""
+        if not self.val:
+            return None
+        import torch.nn.functional as F
+
+        from .eval.testing import view_batches
+
+        e = self.cfg.eval
+        devices = [self.device] if self.device.type == "cuda" else []
+        was_training = self.encoder.training
+        feats, labels = [], []
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            self.encoder.eval()
+            try:
+                for video, label, b, _ in view_batches(self.val, self.cfg, 1, 1, self.device, 16, self.lockstep):
+                    f = self._pooled(self.encoder, video, "mean").float()
+                    if label is not None:
+                        feats.append(F.normalize(f, dim=-1).cpu())
+                        labels.append(label)
+            finally:
+                self.encoder.train(was_training)
+        mine = (torch.cat(feats), torch.cat(labels)) if feats else None
+        parts = [p for p in dist.all_gather_object(mine) if p is not None]
+        if dist.rank() != 0:
+            return None
+        if not parts:
+            log.warning("monitor.val=%s gave no clips: no kNN probe", self.val)
+            return None
+        bank, y = torch.cat([f for f, _ in parts]), torch.cat([lab for _, lab in parts])
+        if len(bank) < 2 or int(y.min()) < 0:
+            log.warning("monitor.val needs at least 2 labelled clips (got %d, labels from %d): no kNN probe",
+                        len(bank), int(y.min()) if len(y) else -1)
+            return None
+        sim = bank @ bank.T
+        sim.fill_diagonal_(float("-inf"))  # leave one out: a clip never votes for itself
+        top, idx = sim.topk(min(e.knn_k, len(bank) - 1), dim=1)
+        votes = torch.zeros(len(bank), int(y.max()) + 1).scatter_add_(1, y[idx], (top / e.knn_t).exp())
+        top1 = 100.0 * float((votes.argmax(1) == y).float().mean())
+        self.knn_history.append((step, top1))
+        if log_it:
+            self.scalars.add({"monitor/knn_top1": top1}, step)
+        return top1
 
     def _reconstructions(self, probe: torch.Tensor, devices) -> torch.Tensor | None:
         """Every rank (ZeRO-3 forwards are collective) → rank 0's image grid [3,H,W] in [0,1], or None."""

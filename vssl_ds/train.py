@@ -192,6 +192,8 @@ class Trainer:
         self._fresh_epoch = not self._resumed_mid_epoch()
         self._batches = iter(self.loader)
         with self.watchdog, self._progress_bar():
+            if self.monitor is not None and self.monitor.val and self.step == 0:
+                self.monitor.knn(0)  # the random initialisation: where the monitor/knn_top1 curve starts
             try:
                 saved, preempted = self._loop(stop)
             finally:  # shut the data workers down while the interpreter is whole (else exit can hang)
@@ -201,6 +203,10 @@ class Trainer:
                 return self.run_dir
             if saved != self.step or not self.ckpt_dir.joinpath("latest").is_file():
                 self.save()
+            if self.monitor is not None and len(self.monitor.knn_history) > 1:
+                (s0, first), (s1, last) = self.monitor.knn_history[0], self.monitor.knn_history[-1]
+                log.info("monitor kNN top-1 on %s: %.1f %% at step %d → %.1f %% at step %d", self.cfg.monitor.val,
+                         first, s0, last, s1)
             if self._monitor_seconds:
                 log.info("health monitor: %.1f s, %.2f%% of the training time (monitor.every=%d)", self._monitor_seconds,
                          100 * self._monitor_seconds / max(time.monotonic() - self._started, 1e-9),

@@ -237,6 +237,7 @@ class EvalConfig:
 class MonitorConfig:
     every: int = 500  # optimizer steps between health probes of the encoder (0 = off); see vssl_ds/monitor.py
     clips: int = 64  # probe clips over all ranks (the first clips each rank trains on, kept for the whole run)
+    val: str = ""  # labelled shards: leave-one-out kNN top-1 of the frozen features at every probe (monitor/knn_top1)
     images: int = 4  # masked-pixel methods: probe clips shown as original / masked / reconstruction (0 = none)
     collapse_drop: float = 0.5  # collapse alarm: RankMe or feature std below this x the best the run has reached
 

@@ -257,6 +257,10 @@ def check_environment(cfg: Config) -> None:
         if not Path(train).exists():
             _fail("data.train", f"{train!r} does not exist", "give a manifest.json, a brace pattern of shards or URLs "
                   "(tools/make_shards.py writes them)")
+    val = cfg.monitor.val
+    if val and not any(c in val for c in "{}*") and is_local(val) and not Path(val).exists():
+        _fail("monitor.val", f"{val!r} does not exist", "give labelled shards (a manifest.json from "
+              "tools/make_shards.py), or leave monitor.val empty for the label-free monitor only")
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
     if run_dir.exists() and not run_dir.is_dir():
         _fail("run.name", f"{run_dir} exists and is not a folder", "choose another run.name or run.out_dir")
