@@ -71,11 +71,12 @@ def contact_sheet(rows: dict[str, torch.Tensor], frames: int = 4, gap: int = 2) 
 
 class HealthMonitor:
     def __init__(self, cfg, encoder: nn.Module, device: torch.device, run_dir: Path, scalars, method=None,
-                 mask_fn=None):
+                 mask_fn=None, beat=lambda: None):
         from .eval.classifier import pooled
 
         self.method, self.mask_fn, self.images = method, mask_fn, cfg.monitor.images
         self.seed, self.cfg, self.val = cfg.run.seed, cfg, cfg.monitor.val
+        self.beat = beat  # progress for the hang watchdog (a large monitor.val takes a while)
         self.lockstep = cfg.engine.zero_stage == 3  # every forward is collective: ranks out of clips keep stepping
         self.knn_history: list[tuple[int, float]] = []
         m = cfg.monitor
@@ -115,6 +116,7 @@ class HealthMonitor:
             self.encoder.eval()
             try:
                 feats = []
+                self.beat()
                 for chunk in probe.split(8) if len(probe) else [probe]:
                     x = normalize(chunk.to(self.device), self.mean, self.std)
                     feats.append(self._pooled(self.encoder, x, "mean").float() if len(chunk) else
@@ -153,6 +155,7 @@ class HealthMonitor:
             self.encoder.eval()
             try:
                 for video, label, b, _ in view_batches(self.val, self.cfg, 1, 1, self.device, 16, self.lockstep):
+                    self.beat()
                     f = self._pooled(self.encoder, video, "mean").float()
                     if label is not None:
                         feats.append(F.normalize(f, dim=-1).cpu())

@@ -147,7 +147,8 @@ class Trainer:
             return None
         encoder = self.engine.ds.module.get_submodule(prefix.rstrip("."))
         return HealthMonitor(self.cfg, encoder, self.device, self.run_dir, self.scalars, self.method,
-                             mask_fns(self.cfg)[0])
+                             mask_fns(self.cfg)[0], beat=lambda: self.watchdog.beat("running the health monitor",
+                                                                                    self.step))
 
     # --- state ------------------------------------------------------------------------------------
     def save(self) -> None:
