@@ -28,6 +28,7 @@ masked-modelling run climbs from there; what must never happen is a fall back af
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -98,8 +99,15 @@ class HealthMonitor:
         take = video[: self.want - (0 if self.probe is None else len(self.probe))].clone()
         self.probe = take if self.probe is None else torch.cat([self.probe, take])
         if len(self.probe) >= self.want:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(self.probe, self.path)
+            tmp = self.path.with_suffix(".tmp")
+            try:  # never a reason to stop training (a full disk is the checkpoint's to report)
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(self.probe, tmp)
+                os.replace(tmp, self.path)
+            except (OSError, RuntimeError) as e:
+                tmp.unlink(missing_ok=True)
+                log.warning("could not keep the monitor's probe clips in %s (%s): a resumed run will probe other "
+                            "clips", self.path, e)
 
     def due(self, step: int) -> bool:
         return bool(self.every) and step % self.every == 0
