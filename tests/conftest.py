@@ -18,6 +18,7 @@ TINY = [
     "model.name=vit_micro_video", "model.img_size=32", "model.num_frames=8", "model.patch=8",
     "data.num_frames=8", "data.sampling_rate=2", "data.size=32", "data.batch_size=2", "data.num_workers=2",
     "method.mae.decoder_dim=32", "method.mae.decoder_depth=1", "method.mae.decoder_heads=2",
+    "method.mae.norm_pix_loss=true",  # VideoMAE's targets (the embedded default regresses plain pixels)
     "optim.lr=2e-3", "optim.warmup_steps=2", "run.log_every=2", "run.ckpt_every=0",
 ]
 

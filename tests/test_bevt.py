@@ -180,3 +180,39 @@ def test_image_only_stage_learns_and_initialises_the_joint_stage(kmeans_file, tm
         load_config("bevt_swin_b", [*TINY, "data.view=image", "data.images=x.json"])
     with pytest.raises(Exception, match="only BEVT's image-only stage"):
         load_config("videomae_vit_b", ["data.view=image"])
+
+
+def test_monitor_token_accuracy_map_is_green_where_the_id_is_right(kmeans_file):
+    """The monitor's BEVT picture: with a head that predicts the tokenizer's ids exactly, every masked cell is
+    painted green; with one that is always wrong, red; visible cells show the clip dimmed. Token ids from the
+    probe's cached targets give the same picture as online ones."""
+    cfg = load_config("bevt_swin_b", [*TINY, f"method.bevt.tokenizer_weights={kmeans_file}"])
+    method, batch = build_method(cfg).eval(), _batch(cfg)
+    b, t = batch.video.shape[:3:2]
+    ids = method.token_ids(batch.video.permute(0, 2, 1, 3, 4).flatten(0, 1)).reshape(b, -1)
+    vocab = method.trainable.lm_head.out_features
+
+    class Head(torch.nn.Module):  # logits that pick the tokenizer's id shifted by `shift`
+        def __init__(self, shift):
+            super().__init__()
+            self.shift = shift
+
+        def forward(self, features):
+            return torch.nn.functional.one_hot((ids + self.shift) % vocab, vocab).float()
+
+    method.trainable.video_features = lambda video, mask: torch.zeros(b, ids.shape[1], 1)
+    for shift, colour in ((0, torch.tensor([0.1, 0.9, 0.2])), (1, torch.tensor([0.95, 0.1, 0.1]))):
+        method.trainable.lm_head = Head(shift)
+        tag, rows = method.probe_images(batch.video, batch.mask, {})
+        assert tag == "token_accuracy" and list(rows) == ["original", "masked", "token accuracy"]
+        cells = batch.mask.shape[1] // (t // 2)
+        hidden = batch.mask.reshape(b, t // 2, cells).repeat_interleave(2, 1).reshape(b, t, 4, 4)
+        hidden = hidden.repeat_interleave(16, 2).repeat_interleave(16, 3)  # [B,T,H,W]
+        pixels, acc = rows["original"], rows["token accuracy"]
+        grey = pixels.mean(1)
+        for c in range(3):
+            painted = 0.35 * grey + 0.65 * colour[c]
+            torch.testing.assert_close(acc[:, c][hidden], painted[hidden], atol=1e-5, rtol=0)
+            torch.testing.assert_close(acc[:, c][~hidden], 0.5 * pixels[:, c][~hidden], atol=1e-5, rtol=0)
+        _, cached = method.probe_images(batch.video, batch.mask, {"tok": ids.short()})
+        torch.testing.assert_close(cached["token accuracy"], acc)

@@ -13,7 +13,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from conftest import ROOT, TINY, free_port, launch, overrides
 

@@ -155,3 +155,36 @@ def test_mae_reconstruction_of_a_perfect_prediction_is_the_clip(tmp_path):
     assert grey.float().mean().item() == pytest.approx(mask.float().mean().item(), abs=0.01)
     sheet = contact_sheet(out, frames=4, gap=2)
     assert sheet.shape == (3, 2 * 3 * (32 + 2), 4 * (32 + 2))
+
+
+def test_alignment_and_uniformity_against_hand_computed_values():
+    from vssl_ds.monitor import alignment_uniformity
+
+    e = torch.eye(4)
+    # views that agree: alignment 0; four orthogonal unit vectors are all sqrt(2) apart: uniformity = -2 * 2
+    same = alignment_uniformity(3 * e, e)
+    assert same["alignment"] == pytest.approx(0.0, abs=1e-12) and same["uniformity"] == pytest.approx(-4.0)
+    # antipodal views: |u - v|^2 = 4; everything on one point: uniformity 0 (collapse)
+    apart = alignment_uniformity(torch.ones(3, 2), -torch.ones(3, 2))
+    assert apart["alignment"] == pytest.approx(4.0) and apart["uniformity"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_two_clip_methods_report_alignment_and_uniformity(tmp_path):
+    """For a method with a `probe_pair` the monitor keeps the other clip of each probe video and reports
+    alignment / uniformity of the two clips' features; a resumed monitor reads both from its probe file."""
+    cfg = load_config("tiny_mae", ["monitor.every=1", "monitor.clips=6"])
+    method = type("TwoClip", (), {"probe_pair": "long"})()
+    g = torch.Generator().manual_seed(0)
+    video = torch.randint(0, 255, (6, 3, 2, 8, 8), dtype=torch.uint8, generator=g)
+    rec = _Recorder()
+    mon = HealthMonitor(cfg, _Collapsing(), torch.device("cpu"), tmp_path, rec, method)
+    mon.collect(video[:4], {"long": video[:4]})
+    mon.collect(video[4:], {"long": video[4:]})
+    mon.run(1)
+    assert rec.scalars["monitor/alignment"] == pytest.approx(0.0, abs=1e-9)  # the same clip twice
+    assert -4.5 < rec.scalars["monitor/uniformity"] < 0
+    again = HealthMonitor(cfg, _Collapsing(), torch.device("cpu"), tmp_path, _Recorder(), method)
+    assert torch.equal(again.probe, video) and torch.equal(again.probe_pair, video)
+    mon.probe_pair = torch.flip(video, dims=[0])  # every clip paired with another video's clip
+    mon.run(2)
+    assert rec.scalars["monitor/alignment"] > 0.1

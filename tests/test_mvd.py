@@ -156,3 +156,42 @@ def test_teachers_run_under_autocast_with_fp32_weights(teachers):
     for k in ("img", "vid"):
         rel = ((low[k] - exact[k]).norm() / exact[k].norm()).item()
         assert 0 < rel < 0.02, (k, rel)
+
+
+def test_monitor_token_error_map_marks_the_mispredicted_token(teachers):
+    """The monitor's MVD picture: decoders that predict the teachers' targets exactly except at one masked token
+    paint that token at the top of the heat scale (white) and every other masked token black; visible tokens show
+    the clip dimmed."""
+    from vssl_ds.monitor import heat_rows
+
+    cfg = _cfg(teachers)
+    method = build_method(cfg).eval()
+    batch = _batch(cfg, b=1)
+    targets = method.frozen(batch.video)
+    wrong = int(batch.mask[0].nonzero()[3])  # the 4th masked token
+
+    class Oracle(torch.nn.Module):
+        def __init__(self, key):
+            super().__init__()
+            self.key = key
+
+        def forward(self, visible, mask):
+            out = targets[self.key][mask].reshape(1, -1, targets[self.key].shape[-1]).clone()
+            out[0, 3] += 1.0
+            return out
+
+    method.trainable.image_decoder, method.trainable.video_decoder = Oracle("img"), Oracle("vid")
+    tag, rows = method.probe_images(batch.video, batch.mask, {})
+    assert tag == "token_error" and list(rows) == ["original", "masked", "image teacher error", "video teacher error"]
+    heat = torch.zeros(1, batch.mask.shape[1])
+    heat[0, wrong] = 1.0
+    pixels = rows["original"]
+    expected = heat_rows(pixels, heat, batch.mask, method.grid)
+    for name in ("image teacher error", "video teacher error"):
+        torch.testing.assert_close(rows[name], expected, atol=1e-5, rtol=0)
+    t, h, w = np.unravel_index(wrong, method.grid)
+    block = rows["video teacher error"][0, :, 2 * t, 8 * h:8 * h + 8, 8 * w:8 * w + 8]
+    assert block.min() > 0.64  # 0.35 grey + 0.65 white
+    # cached targets kept with the probe clips give the same picture
+    tag, cached = method.probe_images(batch.video, batch.mask, {k: v.half() for k, v in targets.items()})
+    torch.testing.assert_close(cached["image teacher error"], expected, atol=1e-5, rtol=0)

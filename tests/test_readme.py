@@ -176,13 +176,35 @@ def test_every_readme_command_works(followed):
     assert list((cwd / "runs/tiny_mae/tb").glob("events.out.tfevents.*"))
 
 
+# what the health monitor adds to each toy_* run (monitor.every=15 of 30 steps): its picture, and alignment /
+# uniformity for the two-clip methods (the image-only BEVT stage has no video to probe)
+MONITOR_IMAGE = {"toy_mae": "reconstruction", "toy_vicmae": "reconstruction", "toy_mvd": "token_error",
+                 "toy_bevt": "token_accuracy", "toy_bevt_joint": "token_accuracy"}
+TWO_CLIP = ("toy_vicmae", "toy_iboot", "toy_iboot_cached", "toy_lstcl_")
+
+
 @pytest.mark.parametrize("name", TOY_RUNS)
 def test_every_method_trains_at_toy_size(followed, name):
-    """Each toy run of the README: 3 logged steps, the total loss and at least one term, all finite."""
-    logged = {k: v for k, v in _scalars(followed[0] / "runs" / name).items() if k == "train/loss" or k.startswith("loss/")}
+    """Each toy run of the README: 3 logged steps, the total loss and at least one term, all finite; the toy_* runs
+    also carry the health monitor's curves and pictures."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars = _scalars(followed[0] / "runs" / name)
+    logged = {k: v for k, v in scalars.items() if k == "train/loss" or k.startswith("loss/")}
     assert len(logged.get("train/loss", [])) >= 1 and len(logged) > 1, logged
     assert all(math.isfinite(v) for values in logged.values() for v in values), logged
     assert (followed[0] / "runs" / name / "final_model.pt").is_file()
+    if not name.startswith("toy_") or name == "toy_bevt_image":
+        return
+    assert len(scalars["monitor/rankme"]) == 2 and all(math.isfinite(v) for v in scalars["monitor/feat_std_mean"])
+    if name.startswith(TWO_CLIP):
+        assert len(scalars["monitor/alignment"]) == 2 and all(v <= 0 for v in scalars["monitor/uniformity"]), scalars
+    else:
+        assert "monitor/alignment" not in scalars
+    acc = EventAccumulator(str(followed[0] / "runs" / name / "tb"), size_guidance={"images": 0})
+    acc.Reload()
+    images = [t for t in acc.Tags()["images"] if t.startswith("monitor/")]
+    assert images == ([f"monitor/{MONITOR_IMAGE[name]}"] if name in MONITOR_IMAGE else []), images
 
 
 @pytest.mark.parametrize("name", TOY_EVALS)

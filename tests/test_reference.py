@@ -293,8 +293,17 @@ def test_vicmae_checkpoint_continues_and_matches_encoder_decoder_projector_and_l
             close(tokens[2 * v:2 * v + 2], official)
         close(student.decoder(tokens, mask, every_token=True), torch.cat([ref["pred1"], ref["pred2"]]))
         close(method.pixel_targets(frames), torch.cat([ref["target1"], ref["target2"]]))
-        _, z = student(frames, mask)
-        close(z, torch.cat([ref["projector_out1"], ref["projector_out2"]]))
+        # The projector's BatchNorms normalise over two samples per view, which amplifies rounding: a 4e-7 change of
+        # the pooled features (summation order: the official pools tokens in shuffle order) moves its output by up
+        # to 5e-5, and its fp32 evaluation differs by 2e-5 between CPUs. So the projector is checked on the official
+        # pooled features (the encoder outputs are checked above), evaluated in float64: within 6e-6 of the
+        # reference, the reference's own fp32 rounding.
+        import copy
+
+        projector = copy.deepcopy(student.projector).double()
+        pooled = [ref[f"encoder_out{v}"][:, 1:].mean(1).double() for v in (1, 2)]  # visible tokens, no CLS
+        close(torch.cat([projector(p) for p in pooled]).float(),
+              torch.cat([ref["projector_out1"], ref["projector_out2"]]))
         fresh = build_method(cfg).train()  # the step from the checkpoint's BN statistics (two projector calls)
         out = fresh(Batch(video=ref["frame1"][:, :, None], views={"second": ref["frame2"][:, :, None]},
                           mask=torch.cat([ref["mask1"], ref["mask2"]], 1)))

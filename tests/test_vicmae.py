@@ -92,3 +92,28 @@ def test_vicmae_runs_with_two_deepspeed_ranks(shards, tmp_path):
             f"data.train={shards}", f"run.out_dir={tmp_path}", "run.name=vicmae"]
     launch(["--config", "vicmae_vit_b", *overrides(*sets)])
     check_run(tmp_path / "vicmae", ("train/loss", "loss/reconstruction", "loss/contrastive"), points=3)
+
+
+def test_monitor_reconstruction_of_a_perfect_prediction_is_the_frame():
+    """The monitor's ViC-MAE picture: with a decoder that predicts the norm-pix targets of the hidden patches
+    exactly, the de-normalised, pasted reconstruction is the first frame; the masked input is grey exactly where
+    the first half of the pair mask hides."""
+    cfg, method, batch = _setup()
+    method.eval()
+    frame = batch.video[:, :, 0]
+    n = batch.mask.shape[1] // 2
+    targets = method.pixel_targets(frame)
+
+    class Oracle(torch.nn.Module):
+        num_prefix = 1
+
+        def forward(self, tokens, m):
+            return targets[m].reshape(len(frame), -1, targets.shape[-1])
+
+    method.trainable.decoder = Oracle()
+    tag, rows = method.probe_images(batch.video, batch.mask, {})
+    pixels = (batch.video[:, :, :1] * method.std + method.mean).clamp(0, 1)
+    assert tag == "reconstruction" and rows["reconstruction"].shape == (4, 3, 1, 32, 32)
+    torch.testing.assert_close(rows["reconstruction"], pixels, atol=1e-4, rtol=0)
+    hidden = batch.mask[:, :n].reshape(4, 4, 4).repeat_interleave(8, 1).repeat_interleave(8, 2)  # [B,H,W]
+    assert torch.equal((rows["masked"][:, :, 0] == 0.5).all(1), hidden)

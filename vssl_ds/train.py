@@ -56,13 +56,23 @@ def ensure_default_data(cfg: Config) -> None:
     if cfg.data.train or not cfg.data.synthetic:
         return
     manifest = Path(cfg.data.synthetic_dir) / "manifest.json"
-    if dist.rank() == 0 and not manifest.is_file():
+    val = Path(cfg.data.synthetic_dir + "_val") / "manifest.json"  # other clips of the same kind, for monitor.val
+    want_val = cfg.data.synthetic_val_clips > 0 and not cfg.monitor.val and cfg.monitor.every > 0
+    if dist.rank() == 0:
         from .data.synthetic import write_synthetic_shards
 
-        log.info("data.train is empty: writing %d generated clips to %s", cfg.data.synthetic_clips, manifest.parent)
-        write_synthetic_shards(manifest.parent, clips=cfg.data.synthetic_clips, shards=8)
+        if not manifest.is_file():
+            log.info("data.train is empty: writing %d generated clips to %s", cfg.data.synthetic_clips,
+                     manifest.parent)
+            write_synthetic_shards(manifest.parent, clips=cfg.data.synthetic_clips, shards=8)
+        if want_val and not val.is_file():
+            log.info("writing %d generated labelled clips (another seed) to %s for the monitor's kNN probe",
+                     cfg.data.synthetic_val_clips, val.parent)
+            write_synthetic_shards(val.parent, clips=cfg.data.synthetic_val_clips, shards=4, seed=1)
     dist.barrier()
     cfg.data.train = str(manifest)
+    if want_val:
+        cfg.monitor.val = str(val)
 
 
 class StopRequest:
@@ -120,6 +130,7 @@ class Trainer:
         self.peak_tflops = device_peak_tflops(device, cfg.run.peak_tflops)
         self.monitor = self._health_monitor()
         self._monitor_seconds = 0.0
+        self.loss_ends: list[tuple[int, float]] = []  # (step, loss) of the first and the latest log line
 
     @contextlib.contextmanager
     def _progress_bar(self):
@@ -204,10 +215,15 @@ class Trainer:
                 return self.run_dir
             if saved != self.step or not self.ckpt_dir.joinpath("latest").is_file():
                 self.save()
+            if self.loss_ends and len(self.loss_ends) > 1:
+                (s0, first), (s1, last) = self.loss_ends
+                log.info("loss %.4f at step %d → %.4f at step %d (%+.0f %%)", first, s0, last, s1,
+                         100 * (last - first) / abs(first) if first else 0.0)
             if self.monitor is not None and len(self.monitor.knn_history) > 1:
                 (s0, first), (s1, last) = self.monitor.knn_history[0], self.monitor.knn_history[-1]
-                log.info("monitor kNN top-1 on %s: %.1f %% at step %d → %.1f %% at step %d", self.cfg.monitor.val,
-                         first, s0, last, s1)
+                log.info("monitor kNN top-1 on %s: %.1f %% at step %d → %.1f %% at step %d (%d classes: chance "
+                         "%.1f %%; leave-one-out kNN of uninformative features scores below chance)", self.cfg.monitor.val,
+                         first, s0, last, s1, self.monitor.knn_classes, 100 / max(self.monitor.knn_classes, 1))
             if self._monitor_seconds:
                 log.info("health monitor: %.1f s, %.2f%% of the training time (monitor.every=%d)", self._monitor_seconds,
                          100 * self._monitor_seconds / max(time.monotonic() - self._started, 1e-9),
@@ -294,7 +310,7 @@ class Trainer:
     def _micro_step(self, batch, window) -> bool:
         """Forward, backward and (at the accumulation boundary) the optimizer step; False if skipped."""
         if self.monitor is not None:
-            self.monitor.collect(batch.video)  # the probe set: the first clips this rank trains on
+            self.monitor.collect(batch.video, batch.views, batch.targets)  # the probe: the first clips trained on
         batch = batch.to(self.device, self.cfg.data.mean, self.cfg.data.std)
         out = self.method(batch)
         (bad,) = dist.any_true([not bool(torch.isfinite(out.loss))], self.device)
@@ -385,6 +401,8 @@ class Trainer:
         eta = self._eta(n / self.accum, seconds)
         if self.bar is not None and "loss" in means:
             self.bar.set_postfix_str(f"loss {means['loss']:.4f}", refresh=False)
+        if "loss" in means:  # the first and the latest logged loss: the run's last lines say how far it fell
+            self.loss_ends = (self.loss_ends or [(self.step, means["loss"])])[:1] + [(self.step, means["loss"])]
         scalars["perf/eta_h"] = eta / 3600
         self.scalars.add(scalars, self.step)
         terms = " ".join(f"{k}={v:.4f}" for k, v in means.items())

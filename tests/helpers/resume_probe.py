@@ -4,7 +4,6 @@ checkpoint's consolidated ones: weights from DeepSpeed's zero_to_fp32 over the s
 universal checkpoint's per-parameter files. Prints one `PROBE {json}` line (rank 0)."""
 import json
 import sys
-from pathlib import Path
 
 import torch
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state

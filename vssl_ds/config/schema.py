@@ -33,6 +33,8 @@ class DataConfig:
     synthetic: bool = False  # train empty → write generated toy clips and train on them (only the embedded default)
     synthetic_dir: str = "data/synthetic"  # where the embedded default writes its shards when train is empty
     synthetic_clips: int = 64
+    synthetic_val_clips: int = 0  # > 0: also write that many labelled clips (another seed) to <synthetic_dir>_val
+    # and use them as monitor.val when it is empty (the embedded default's kNN probe)
     epoch_size: int = 0  # samples per epoch when `train` has no manifest
     num_workers: int = 2
     batch_size: int = 8  # per device, per micro-step

@@ -31,12 +31,14 @@ def _draw(canvas: np.ndarray, shape: str, cy: float, cx: float, r: int, color) -
 
 
 def render_clip(rng: np.random.Generator, label: int, frames: int, size: int) -> np.ndarray:
-    """One clip.  # [T,H,W,3] uint8"""
+    """One clip: a shape (the label) of random colour and size bouncing over a smooth colour gradient (under half a
+    period of a sinusoid per channel, so the colours of the visible patches tell those of the hidden ones: what a
+    masked autoencoder can learn in the embedded default's two minutes) with light static noise.  # [T,H,W,3] uint8"""
     yy, xx = np.mgrid[:size, :size] / size
     phase = rng.uniform(0, 2 * np.pi, 3)
-    base = (0.5 + 0.25 * np.sin(6 * xx[..., None] + 4 * yy[..., None] + phase)) * 255
-    noise = rng.normal(0, 8, (size, size, 3))
-    r = int(rng.integers(size // 10, size // 5))
+    base = (0.5 + 0.25 * np.sin(2 * xx[..., None] + 1.5 * yy[..., None] + phase)) * 255
+    noise = rng.normal(0, 4, (size, size, 3))
+    r = int(rng.integers(size // 8, size // 4))
     pos = rng.uniform(r, size - r, 2)
     vel = rng.uniform(-1, 1, 2) * size / 24
     color = rng.integers(0, 256, 3)

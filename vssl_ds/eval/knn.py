@@ -11,7 +11,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from ..config.schema import Config
 from ..engine import dist
@@ -27,8 +26,8 @@ def extract(encoder, spec: str, cfg: Config, clips: int, crops: int, device, wha
     """This rank's share of `spec` → (features [n,D] fp16 L2-normalised, labels [n])."""
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     feats, labels = [], []
-    batches = view_batches(spec, cfg, clips, crops, device, cfg.eval.test_batch_size)
-    for video, label, b, _ in tqdm(batches, desc=f"{what} features", disable=dist.rank() != 0, unit="batch"):
+    for video, label, b, _ in view_batches(spec, cfg, clips, crops, device, cfg.eval.test_batch_size,
+                                           progress=f"{what} features"):
         with autocast:
             f = pooled(encoder, video, cfg.eval.pool).float()  # [B*V,D]
         feats.append(F.normalize(f.view(b, -1, f.shape[-1]).mean(1), dim=-1).half().cpu())

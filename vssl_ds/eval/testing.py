@@ -17,26 +17,33 @@ log = logging.getLogger(__name__)
 
 
 def view_batches(spec: str, cfg: Config, clips: int, crops: int, device: torch.device, batch_size: int,
-                 lockstep: bool = False):
+                 lockstep: bool = False, progress: str = ""):
     """→ (video [B*V,C,T,H,W] normalised on `device`, labels [B], B, keys) per batch. With `lockstep` (ZeRO-3
     shards the weights: every forward is collective) a rank out of videos yields (dummy clip, None, 0, [])
-    until every rank is done."""
+    until every rank is done. `progress`: rank 0 shows a bar of that name over its share of the videos."""
+    from tqdm import tqdm
+
     d = cfg.data
-    loader = iter(eval_loader(spec, cfg, clips, crops, dist.rank(), dist.world(), batch_size))
-    while True:
-        batch = next(loader, None)
-        if lockstep:
-            (pending,) = dist.any_true([batch is not None], device)
-            if not pending:
+    dataloader = eval_loader(spec, cfg, clips, crops, dist.rank(), dist.world(), batch_size)
+    shards = dataloader.dataset.shards
+    total = sum(s.samples for s in shards) if all(s.samples >= 0 for s in shards) else None
+    loader = iter(dataloader)
+    with tqdm(total=total, desc=progress, unit="video", disable=not progress or dist.rank() != 0) as bar:
+        while True:
+            batch = next(loader, None)
+            if lockstep:
+                (pending,) = dist.any_true([batch is not None], device)
+                if not pending:
+                    return
+                if batch is None:
+                    yield torch.zeros(1, 3, d.num_frames, d.size, d.size, device=device), None, 0, []
+                    continue
+            elif batch is None:
                 return
-            if batch is None:
-                yield torch.zeros(1, 3, d.num_frames, d.size, d.size, device=device), None, 0, []
-                continue
-        elif batch is None:
-            return
-        video = batch["video"]  # [B,V,C,T,H,W] uint8
-        b = video.shape[0]
-        yield normalize(video.flatten(0, 1).to(device), d.mean, d.std), batch["label"], b, batch["keys"]
+            video = batch["video"]  # [B,V,C,T,H,W] uint8
+            b = video.shape[0]
+            bar.update(b)
+            yield normalize(video.flatten(0, 1).to(device), d.mean, d.std), batch["label"], b, batch["keys"]
 
 
 @torch.no_grad()
@@ -44,7 +51,8 @@ def test_pass(logits_fn: Callable[[torch.Tensor], torch.Tensor], cfg: Config, cl
               device: torch.device, lockstep: bool = False) -> TopK:
     e = cfg.eval
     scores = TopK(device)
-    for video, labels, b, _ in view_batches(e.val, cfg, clips, crops, device, e.test_batch_size, lockstep):
+    for video, labels, b, _ in view_batches(e.val, cfg, clips, crops, device, e.test_batch_size, lockstep,
+                                            progress=f"test pass ({clips} clips x {crops} crops)"):
         probs = torch.softmax(logits_fn(video).float(), -1)  # [B*V,K]
         if labels is not None:
             scores.add(probs.view(b, -1, probs.shape[-1]).mean(1), labels)

@@ -36,6 +36,9 @@ class Method(nn.Module, abc.ABC):
         self.frozen.requires_grad_(False)
 
     frozen_dtype: torch.dtype | None = None  # set by the engine: frozen models run under autocast to it
+    probe_pair: str | None = None  # two-clip methods: the Batch.views entry whose features pair with batch.video's
+    # (the health monitor's alignment / uniformity)
+    probe_images: Callable | None = None  # (video, mask [B,N], cached targets) → (tag, {row: [B,C,T,H,W] in [0,1]})
 
     def run_frozen(self, fn: Callable, *args):
         """Frozen models keep fp32 weights and run under autocast in the engine's low precision, as the official

@@ -90,6 +90,35 @@ class BEVT(Method):
         pixels = F.interpolate(pixels, size=self.tok_size, mode="bilinear", align_corners=False, antialias=True)
         return self.run_frozen(self.frozen, pixels)
 
+    @torch.no_grad()
+    def probe_images(self, video, mask, targets=None):
+        """The health monitor's picture (vssl_ds/monitor.py): the masked cells of the video stream whose tokenizer id
+        the model predicts (green) or misses (red), over the clip."""
+        from ..monitor import heat_rows
+
+        if self.image_only:
+            return None
+        b, t = video.shape[0], video.shape[2]
+        if targets and "tok" in targets:
+            ids = targets["tok"].long()
+        elif self.cfg.targets == "cache":
+            return None  # (no cached token ids kept for these clips)
+        else:
+            ids = self.token_ids(rearrange(video, "b c t h w -> (b t) c h w")).reshape(b, -1)  # [B,T*h*w]
+        logits = self.trainable.lm_head(self.trainable.video_features(video, mask))  # [B,T*h*w,V]
+        cells = mask.shape[1] // (t // 2)
+        hidden = mask.reshape(b, t // 2, cells).repeat_interleave(2, dim=1).reshape(b, -1).cpu()  # [B,T*h*w]
+        right = (logits.argmax(-1) == ids).cpu()
+        colors = torch.where(right[..., None], torch.tensor([0.1, 0.9, 0.2]), torch.tensor([0.95, 0.1, 0.1]))
+        pixels = (video.float() * self.std[..., None] + self.mean[..., None]).clamp(0, 1)  # [B,3,T,H,W]
+        side = int(round(cells ** 0.5))
+        grid = (t, side, cells // side)
+        return "token_accuracy", {
+            "original": pixels,
+            "masked": heat_rows(pixels, torch.zeros(hidden.shape), hidden, grid,
+                                colors=torch.full((*hidden.shape, 3), 0.5)),
+            "token accuracy": heat_rows(pixels, torch.zeros(hidden.shape), hidden, grid, colors=colors)}
+
     def forward(self, batch: Batch) -> StepOutput:
         if batch.image is None:
             raise ValueError("BEVT trains on an image stream next to the videos: set data.images and "

@@ -80,6 +80,7 @@ def frame_embeddings(teacher, clip: torch.Tensor, pool: str, data_norm=None) -> 
 
 
 class IBoot(Method):
+    probe_pair = "long"  # the monitor's alignment / uniformity: the two clips' video features
     def __init__(self, cfg: Config):
         c, m = cfg.method.iboot, cfg.model
         if c.targets == "cache":  # the image model ran once, offline: only its width is needed here

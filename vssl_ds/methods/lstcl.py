@@ -46,6 +46,7 @@ class LSTCLOnline(nn.Module):
 
 
 class LSTCL(Method):
+    probe_pair = "long"  # the monitor's alignment / uniformity: the short clip's features against the long one's
     def __init__(self, cfg: Config):
         c = cfg.method.lstcl
         backbone = build_encoder(cfg.model)

@@ -48,6 +48,10 @@ class VideoMAE(Method):
         loss = masked_mse(pred, targets, batch.mask)
         return StepOutput(loss, {"loss/pixel": loss.detach()})
 
+    def probe_images(self, video, mask, targets=None):
+        """The health monitor's picture (vssl_ds/monitor.py): (TensorBoard tag, rows of clips)."""
+        return "reconstruction", self.reconstruct(video, mask)
+
     @torch.no_grad()
     def reconstruct(self, video: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """What the model makes of masked clips, to look at: video [B,C,T,H,W] normalised, mask [B,N] → original,

@@ -96,7 +96,9 @@ class MVD(Method):
             restore_decoders(ck, {"decoder_img": student.image_decoder, "decoder_vid": student.video_decoder},
                              "method.mvd.decoder_dim/decoder_depth/decoder_heads and the teachers' widths")
         super().__init__(student, teachers)
-        self.cfg = c
+        self.cfg, self.grid = c, encoder.grid
+        self.register_buffer("mean", torch.tensor(cfg.data.mean).view(1, 3, 1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(cfg.data.std).view(1, 3, 1, 1, 1), persistent=False)
 
     def targets(self, batch: Batch) -> dict[str, torch.Tensor]:
         if self.cfg.targets == "cache":
@@ -104,6 +106,32 @@ class MVD(Method):
                 raise ValueError("method.mvd.targets=cache but the batch has no cached targets: set data.targets")
             return {k: batch.targets[k].float() for k in ("img", "vid")}
         return self.run_frozen(self.frozen, batch.video)
+
+    @torch.no_grad()
+    def probe_images(self, video, mask, targets=None):
+        """The health monitor's picture (vssl_ds/monitor.py): each teacher's regression error per masked token
+        (this method's loss, per token) as a heat map over the clip, scaled by the largest error shown."""
+        from ..monitor import heat_rows
+
+        t = {k: v.float() for k, v in targets.items()} if targets else None
+        if t is None or "img" not in t:
+            if self.cfg.targets == "cache":
+                return None  # (no cached targets kept for these clips)
+            t = self.run_frozen(self.frozen, video)
+        student = self.trainable
+        visible = student.encoder(video, mask)
+        loss_fn = LOSSES[self.cfg.loss]
+        pixels = (video.float() * self.std + self.mean).clamp(0, 1)
+        rows = {"original": pixels, "masked": heat_rows(pixels, torch.zeros(mask.shape), mask, self.grid,
+                                                         colors=torch.full((*mask.shape, 3), 0.5))}
+        for name, decoder, key in (("image teacher error", student.image_decoder, "img"),
+                                   ("video teacher error", student.video_decoder, "vid")):
+            pred = decoder(visible, mask).float()  # [B,Nm,D]
+            err = loss_fn(pred, t[key][mask].reshape(pred.shape), reduction="none").mean(-1)  # [B,Nm]
+            heat = torch.zeros(mask.shape, device=err.device)
+            heat[mask] = (err / err.max().clamp_min(1e-12)).flatten()
+            rows[name] = heat_rows(pixels, heat.cpu(), mask.cpu(), self.grid)
+        return "token_error", rows
 
     def forward(self, batch: Batch) -> StepOutput:
         c, mask = self.cfg, batch.mask

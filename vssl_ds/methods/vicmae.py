@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
 from ..config.schema import Config
 from ..data.batch import Batch
@@ -45,6 +46,40 @@ class ViCMAE(Method):
                              "method.vicmae.decoder_* / proj_hidden / proj_dim")
         super().__init__(ViCMAEStudent(encoder, decoder, projector))
         self.cfg, self.patch = c, m.patch
+        self.register_buffer("mean", torch.tensor(cfg.data.mean).view(1, 3, 1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(cfg.data.std).view(1, 3, 1, 1, 1), persistent=False)
+
+    probe_pair = "second"  # the monitor's alignment / uniformity: the two frames' features
+
+    def probe_images(self, video, mask, targets=None):
+        """The health monitor's picture (vssl_ds/monitor.py): (TensorBoard tag, rows of clips)."""
+        return "reconstruction", self.reconstruct(video, mask)
+
+    @torch.no_grad()
+    def reconstruct(self, video: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The first frame of normalised clips [B,C,T,H,W] under the first frame's half of a pair mask [B,2N] →
+        original, masked input (hidden patches grey) and reconstruction (predictions pasted into the visible
+        patches; with norm_pix_loss de-normalised with each hidden patch's own mean and std of the network input,
+        the space the targets live in), each [B,C,1,H,W] in [0,1]."""
+        frame = video[:, :, :1].float()
+        hidden = mask[:, : mask.shape[1] // 2]
+        student = self.trainable
+        pred = student.decoder(student.encoder(frame[:, :, 0], hidden), hidden).float()  # [B,Nm,P*C]
+        x = patchify(frame, (1, self.patch, self.patch)).flatten(2)  # [B,N,P*C], network-input space
+        guess = pred.reshape(-1, x.shape[-1])
+        if self.cfg.norm_pix_loss:
+            h = x[hidden]
+            guess = guess * (h.var(-1, keepdim=True) + 1e-6).sqrt() + h.mean(-1, keepdim=True)
+        recon = x.clone()
+        recon[hidden] = guess
+        g = frame.shape[-1] // self.patch
+        back = lambda z: rearrange(z, "b (t h w) (p0 p1 p2 c) -> b c (t p0) (h p1) (w p2)", t=1, h=g, w=g,  # noqa
+                                   p0=1, p1=self.patch, p2=self.patch, c=3) * self.std + self.mean
+        pixels = (frame * self.std + self.mean).clamp(0, 1)
+        masked = back(x).clamp(0, 1)
+        masked = torch.where(hidden.reshape(-1, 1, 1, g, 1, g, 1).expand(-1, 3, 1, g, self.patch, g, self.patch)
+                             .reshape(pixels.shape), torch.full_like(pixels, 0.5), masked)
+        return {"original": pixels, "masked": masked, "reconstruction": back(recon).clamp(0, 1)}
 
     def pixel_targets(self, frames: torch.Tensor) -> torch.Tensor:
         """MAE targets: each patch of the network input (the ImageNet-normalised frame, as the official

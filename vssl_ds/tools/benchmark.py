@@ -120,14 +120,20 @@ class VideoMAEStyle(torch.utils.data.Dataset):
         return video, torch.from_numpy(np.tile(spatial, t))
 
 
-def _measure(batches, warmup: int, seconds: float, batch: int) -> dict:
+def _measure(batches, warmup: int, seconds: float, batch: int, what: str = "measuring") -> dict:
+    from tqdm import tqdm
+
     it = iter(batches)
-    for _ in range(warmup):
+    for _ in tqdm(range(warmup), desc=f"{what}: warm-up", unit="batch", leave=False):
         next(it)
     n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        next(it)
-        n += batch
+    with tqdm(total=round(seconds), desc=what, unit="s", leave=False,
+              bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s {postfix}") as bar:
+        while (now := time.perf_counter() - t0) < seconds:
+            next(it)
+            n += batch
+            bar.update(min(now, seconds) - bar.n)
+            bar.set_postfix_str(f"{n / max(now, 1e-9):.1f} clips/s", refresh=False)
     dt = time.perf_counter() - t0
     if hasattr(it, "close"):
         it.close()
@@ -169,9 +175,9 @@ def bench_data(args) -> dict:
                                        persistent_workers=False, prefetch_factor=2 if args.workers else None)
     print(f"{len(paths)} clips (short side {args.short_side}); {args.workers} worker(s) each; output "
           f"{args.frames}x{args.size}² stride {args.stride}; {args.seconds:.0f} s per pipeline", flush=True)
-    result = {"vssl_ds": _measure(ours, args.warmup, args.seconds, args.batch)}
+    result = {"vssl_ds": _measure(ours, args.warmup, args.seconds, args.batch, "vssl_ds pipeline")}
     print(f"  vssl_ds pipeline      {result['vssl_ds']['clips_per_s']:8.2f} clips/s", flush=True)
-    result["videomae_style"] = _measure(base, args.warmup, args.seconds, args.batch)
+    result["videomae_style"] = _measure(base, args.warmup, args.seconds, args.batch, "VideoMAE-style loader")
     print(f"  VideoMAE-style loader {result['videomae_style']['clips_per_s']:8.2f} clips/s", flush=True)
     workers = max(args.workers, 1)
     for k in ("vssl_ds", "videomae_style"):
@@ -244,13 +250,15 @@ def _setup(args):
     return device, dtype, backends, {"device": dev, "dtype": name, "torch": torch.__version__}
 
 
-def _timed(fn, iters: int, device) -> float:
+def _timed(fn, iters: int, device, what: str = "timing") -> float:
     """Median seconds of `fn()` over `iters` runs after two warm-ups."""
+    from tqdm import tqdm
+
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(2):
         fn()
     times = []
-    for _ in range(iters):
+    for _ in tqdm(range(iters), desc=what, unit="run", leave=False):
         sync()
         t0 = time.perf_counter()
         fn()
@@ -272,7 +280,7 @@ def bench_attention(args) -> dict:
         for name, b in (("no_bias", None), ("bias", bias)):
             def step():
                 attention(q, k, v, b, backend).sum().backward()
-            ms = 1000 * _timed(step, args.iters, device)
+            ms = 1000 * _timed(step, args.iters, device, f"{backend} {name}")
             mem = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else 0.0
             out[f"{backend}/{name}"] = {"ms": round(ms, 2), "peak_mem_gib": round(mem, 2)}
             print(f"  {backend:9s} {name:8s} {ms:9.2f} ms (fwd+bwd)" + (f"  peak {mem:.2f} GiB" if mem else ""), flush=True)
@@ -305,7 +313,7 @@ def bench_model(args) -> dict:
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                     y = model(x, mask) if mask is not None else model(x)
                 y.float().pow(2).mean().backward()
-            s = _timed(step, args.iters, device)
+            s = _timed(step, args.iters, device, f"{name} {backend}")
             row = {"step_s": round(s, 4), "clips_per_s": round(args.batch / s, 2)}
             if device.type == "cuda":
                 row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
@@ -357,8 +365,8 @@ def bench_cache(args) -> dict:
         loss.backward()
         opt.step()
 
-    t_cached = _timed(lambda: step(cached_batch, True), args.iters, device)
-    t_online = _timed(lambda: step(online_batch, False), args.iters, device)
+    t_cached = _timed(lambda: step(cached_batch, True), args.iters, device, "cached targets")
+    t_online = _timed(lambda: step(online_batch, False), args.iters, device, "online teachers")
     sizes = {}
     for name, x in targets.items():
         for kind in ("fp16", "int8"):
@@ -375,14 +383,22 @@ def bench_cache(args) -> dict:
 
 def bench_monitor(args) -> dict:
     """FLOPs of one training step (3 x the method's forward, per clip: masking, teachers and decoders included)
-    against the monitor's probe (the encoder, every token, once per probe clip), at the recipe's batch, accumulation,
-    monitor.every and monitor.clips; the probe clips are split over the ranks."""
+    against the monitor's work at each probe: the encoder on every token of each probe clip (twice for the two-clip
+    methods: the other clip too; the clips are split over the ranks) and rank 0's picture of `monitor.images` clips
+    (the method's probe_images: reconstructions, or teachers and decoders for MVD's error map), at the recipe's
+    batch, accumulation, monitor.every, monitor.clips and monitor.images. The share is rank 0's (the busiest)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from ..config.loader import load_config
     from ..data.batch import Batch
     from ..eval.classifier import pooled
     from ..methods import ENCODER_PREFIX, build_method, mask_fns
+
+    def counted(fn) -> float:
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            fn()
+        return counter.get_total_flops()
 
     out = {}
     for recipe in args.recipes.split(","):
@@ -392,27 +408,26 @@ def bench_monitor(args) -> dict:
         d, rng = cfg.data, np.random.default_rng(0)
         video = torch.randn(1, 3, d.num_frames, d.size, d.size)
         fn = mask_fns(cfg)[0]
-        batch = Batch(video=video, mask=torch.from_numpy(np.stack([fn(rng)])) if fn else None,
-                      views={"long": torch.randn(1, 3, d.num_frames, d.size, d.size)})
-        flops = []
-        for run in (lambda: method(batch), lambda: pooled(method.trainable.get_submodule(
-                ENCODER_PREFIX[cfg.method.name].rstrip(".")), video, "mean")):
-            counter = FlopCounterMode(display=False)
-            with counter, torch.no_grad():
-                run()
-            flops.append(counter.get_total_flops())
-        train, probe = 3 * flops[0], flops[1]
+        mask = torch.from_numpy(np.stack([fn(rng)])) if fn else None
+        batch = Batch(video=video, mask=mask, views={"long": torch.randn(1, 3, d.num_frames, d.size, d.size),
+                                                     "second": torch.randn(1, 3, d.num_frames, d.size, d.size)})
+        encoder = method.trainable.get_submodule(ENCODER_PREFIX[cfg.method.name].rstrip("."))
+        train = 3 * counted(lambda: method(batch))
+        probe = counted(lambda: pooled(encoder, video, "mean")) * (2 if method.probe_pair else 1)
+        picture = counted(lambda: method.probe_images(video, mask, {})) if method.probe_images and fn else 0.0
+        m = cfg.monitor
         row = {"train_gflop_per_clip": round(train / 1e9, 1), "probe_gflop_per_clip": round(probe / 1e9, 1),
-               "batch": d.batch_size, "grad_accum": cfg.engine.grad_accum, "every": cfg.monitor.every,
-               "clips": cfg.monitor.clips, "share_pct": {}}
+               "picture_gflop_per_clip": round(picture / 1e9, 1), "batch": d.batch_size,
+               "grad_accum": cfg.engine.grad_accum, "every": m.every, "clips": m.clips, "images": m.images,
+               "share_pct": {}}
         for ranks in map(int, args.ranks.split(",")):
-            per_rank = -(-cfg.monitor.clips // ranks)
-            row["share_pct"][ranks] = round(100 * per_rank * probe /
-                                            (cfg.monitor.every * d.batch_size * cfg.engine.grad_accum * train), 4)
+            work = -(-m.clips // ranks) * probe + m.images * picture
+            row["share_pct"][ranks] = round(100 * work / (m.every * d.batch_size * cfg.engine.grad_accum * train), 4)
         out[recipe] = row
         print(f"{recipe:22s} step {row['train_gflop_per_clip']:7.1f} GFLOP/clip x {d.batch_size} x "
               f"{cfg.engine.grad_accum} accumulation; probe {row['probe_gflop_per_clip']:7.1f} GFLOP/clip x "
-              f"{cfg.monitor.clips} clips every {cfg.monitor.every} steps → monitor share "
+              f"{m.clips} clips + picture {row['picture_gflop_per_clip']:6.1f} GFLOP/clip x {m.images} every "
+              f"{m.every} steps → monitor share "
               + ", ".join(f"{v}% on {k} rank(s)" for k, v in row["share_pct"].items()), flush=True)
     return out
 

@@ -40,13 +40,32 @@ def find_checkpoint(path: Path) -> Path:
 
 
 def export(checkpoint: str | Path, out: str | Path = "") -> tuple[Path, dict]:
+    from tqdm import tqdm
+
     from ..engine.deepspeed import consolidated_weights
-    from ..methods import ENCODER_PREFIX
-    from ..models import build_encoder
     from ..models.exported import save_exported
 
     tag_dir = find_checkpoint(Path(checkpoint))
-    state, saved = consolidated_weights(tag_dir)
+    with tqdm(total=3, desc="export", unit="stage", bar_format="{desc}: {n}/{total} {postfix} [{elapsed}]") as bar:
+        bar.set_postfix_str(f"consolidating {tag_dir.name} (every ZeRO partition)")
+        state, saved = consolidated_weights(tag_dir)
+        bar.update()
+        bar.set_postfix_str("matching the encoder's weights")
+        model, cfg, extra, method = _encoder(tag_dir, state, saved)
+        bar.update()
+        out = Path(out) if out else tag_dir.parent.parent / "export" / "encoder.safetensors"
+        bar.set_postfix_str(f"writing {out}")
+        info = save_exported(model, cfg.model, extra, out, {"method": method, "step": int(saved.get("step", 0)),
+                                                             "source": str(tag_dir.resolve())})
+        bar.update()
+    return out, info
+
+
+def _encoder(tag_dir: Path, state: dict, saved: dict):
+    """The exported encoder with the checkpoint's weights → (model, config, extra build args, method name)."""
+    from ..methods import ENCODER_PREFIX
+    from ..models import build_encoder
+
     if "config" not in saved:
         raise ValueError(f"{tag_dir} carries no vssl_ds config in its client state; was it written by pretrain.py?")
     with tempfile.TemporaryDirectory() as tmp:  # the config travels inside the checkpoint: read it as a recipe
@@ -68,10 +87,7 @@ def export(checkpoint: str | Path, out: str | Path = "") -> tuple[Path, dict]:
     if missing or unexpected:
         raise ValueError(f"the {method} encoder of {tag_dir} does not match model.name={cfg.model.name}: "
                          f"missing {missing[:4]}, unexpected {unexpected[:4]}")
-    out = Path(out) if out else tag_dir.parent.parent / "export" / "encoder.safetensors"
-    info = save_exported(model, cfg.model, extra, out, {"method": method, "step": int(saved.get("step", 0)),
-                                                         "source": str(tag_dir.resolve())})
-    return out, info
+    return model, cfg, extra, method
 
 
 def main(argv=None) -> int:

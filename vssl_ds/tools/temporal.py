@@ -172,18 +172,28 @@ def bench_temporal(a) -> dict:
         filled["tokenizer"] = tok
     rows = {}
     print(f"temporal sanity benchmark in {work}: {', '.join(a.methods)}", flush=True)
+    from tqdm import tqdm
+
+    stages = tqdm(total=len(order) + 2 * len(a.methods), desc="temporal benchmark", unit="stage")
     for name in order:
         t0 = time.time()
+        stages.set_postfix_str(f"pretraining {name}")
         filled[name] = _pretrain(work, name, data, a, filled)
+        stages.update()
         if name not in a.methods:  # only a teacher stage for a later method
             continue
+        stages.set_postfix_str(f"probing {name}")
         trained = _probe(work, name, data, a, filled[name])
+        stages.update()
+        stages.set_postfix_str(f"probing {name}'s random init")
         baseline = _probe(work, f"random_{name}", data, a, _random_like(filled[name]))
+        stages.update()
         rows[name] = {"encoder": trained["encoder"], "pretrained_top1": trained["top1"],
                       "random_top1": baseline["top1"], "gain": round(trained["top1"] - baseline["top1"], 2),
                       "seconds": round(time.time() - t0, 1)}
         print(f"{name:7s} {trained['encoder']:22s} pretrained {trained['top1']:6.2f} %   random init "
               f"{baseline['top1']:6.2f} %   ({rows[name]['seconds']:.0f} s)", flush=True)
+    stages.close()
     result = {"task": f"{a.task} direction (2 classes, chance 50 %)", "train_clips": a.train_clips,
               "val_clips": a.val_clips, "pretrain_steps": a.steps, "probe_steps": a.probe_steps, "batch": a.batch,
               "methods": {m: rows[m] for m in a.methods}}
