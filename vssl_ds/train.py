@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -25,7 +26,7 @@ from .engine.checkpoint import rng_state, set_rng_state
 from .engine.schedules import build_schedules, global_batch
 from .engine.watchdog import Watchdog
 from .monitor import HealthMonitor
-from .logging import Scalars, device_peak_tflops, peak_memory_gib, setup_console
+from .logging import Scalars, device_peak_tflops, peak_memory_gib, setup_console, wandb_settings
 from .methods import build_method, cache_targets, mask_fns
 
 log = logging.getLogger("vssl_ds.train")
@@ -125,7 +126,8 @@ class Trainer:
         self.bar = None  # rank 0's progress bar on a terminal
         self._started, self._windows = time.monotonic(), deque(maxlen=10)  # (steps, seconds) of recent log windows
         self._first_window = None
-        self.scalars = Scalars(self.run_dir / "tb" if self.rank == 0 else None)
+        self.scalars = Scalars(self.run_dir / "tb" if self.rank == 0 else None,
+                               wandb_settings(cfg, self.run_dir, dataclasses.asdict(cfg)) if self.rank == 0 else None)
         self.flops_per_clip = 0.0
         self.peak_tflops = device_peak_tflops(device, cfg.run.peak_tflops)
         self.monitor = self._health_monitor()

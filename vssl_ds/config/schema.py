@@ -25,6 +25,10 @@ class RunConfig:
     peak_tflops: float = 0.0  # per-device peak for MFU; 0 = from the device table (GPU) / not logged (CPU)
     overwrite: bool = False  # start over in a run folder that holds checkpoints (deletes them and the TensorBoard logs)
     record_keys: bool = False  # debug: each rank appends the sample keys of every micro-step to keys/rank<r>.jsonl
+    wandb: bool = False  # also log scalars, images, texts and the config to Weights & Biases (rank 0; pip install wandb)
+    wandb_project: str = "vssl_ds"
+    wandb_entity: str = ""  # "" = your default entity
+    wandb_mode: str = ""  # online | offline (no network: sync later) | disabled; "" = WANDB_MODE or online
 
 
 @dataclass
@@ -259,6 +263,7 @@ class Config:
 # choices that a type alone cannot express; checked before any work starts
 CHOICES = {
     "data.short_video": ("loop", "pad", "skip"),
+    "run.wandb_mode": ("", "online", "offline", "disabled"),
     "data.decoder": ("decord", "pyav", "torchcodec"),
     "data.view": ("clip", "scale_crop", "long_short", "frame_pair", "finetune", "image"),
     "model.attn_backend": ("auto", "xformers", "sdpa", "math"),

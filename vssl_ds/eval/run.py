@@ -11,6 +11,7 @@ Under the DeepSpeed launcher: `deepspeed --num_gpus 8 tools/evaluate.py linear -
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -22,7 +23,7 @@ from ..cli import HelpFormatter
 from ..config import ConfigError, load_config
 from ..config.schema import Config
 from ..engine import dist
-from ..logging import Scalars
+from ..logging import Scalars, wandb_settings
 from .metrics import TopK
 from .testing import test_pass
 
@@ -110,7 +111,7 @@ def write_results(cfg: Config, run_dir: Path, mode: str, scores: TopK, num_class
                "val": e.val, "train": cfg.data.train, "step": step, **extra}
     if dist.rank() == 0:
         (run_dir / "results.json").write_text(json.dumps(results, indent=1))
-        tb = Scalars(run_dir / "tb")
+        tb = Scalars(run_dir / "tb", wandb_settings(cfg, run_dir, {**dataclasses.asdict(cfg), "results": results}))
         tb.add({"eval/top1": scores.top1, "eval/top5": scores.top5}, step)
         tb.close()
     return results
