@@ -160,3 +160,102 @@ def test_temporal_clips_are_labelled_by_direction_only(tmp_path):
     right = render_drift_clip(np.random.default_rng(4), 0, 9, 48)
     left = render_drift_clip(np.random.default_rng(4), 1, 9, 48)
     assert np.array_equal(right[::-1], left) and not np.array_equal(right, left)  # reversed, exactly
+
+
+def test_hf_export_loads_in_transformers_with_the_same_outputs(pretrained, tmp_path):
+    """tools/export.py --format hf on the ZeRO-3 run: transformers.VideoMAEModel.from_pretrained loads the folder and
+    its last_hidden_state is vssl_ds's encoder output on the same clip; the folder loads back as model.pretrained."""
+    pytest.importorskip("transformers")
+    from vssl_ds.compat import patch_torchvision
+
+    patch_torchvision()  # transformers' VideoMAE imports torchvision (a CUDA wheel beside the CPU torch)
+    from transformers import VideoMAEModel
+
+    from vssl_ds.models.weights import load_pretrained
+    from vssl_ds.tools.export import main as export
+
+    run, weights = pretrained
+    assert export([str(run), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    ours, _ = load_exported(weights)
+    theirs = VideoMAEModel.from_pretrained(str(tmp_path / "hf")).eval()
+    x = torch.randn(2, 3, 8, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = ours.eval()(x)
+        torch.testing.assert_close(theirs(pixel_values=x.permute(0, 2, 1, 3, 4)).last_hidden_state, want,
+                                   atol=1e-5, rtol=1e-5)
+        again = create_model("vit_micro_video", img_size=32, num_frames=8, patch=8).eval()
+        assert load_pretrained(again, tmp_path / "hf").fmt == "hf_videomae"
+        torch.testing.assert_close(again(x), want, atol=1e-5, rtol=1e-5)
+
+
+def test_hf_pretraining_folder_continues_with_its_decoder(tmp_path):
+    """A transformers VideoMAEForPreTraining folder as model.pretrained: encoder and pixel decoder load, and the MAE
+    method predicts what transformers predicts for the masked tubelets."""
+    pytest.importorskip("transformers")
+    from vssl_ds.compat import patch_torchvision
+
+    patch_torchvision()
+    from transformers import VideoMAEConfig, VideoMAEForPreTraining
+
+    from vssl_ds.config.loader import load_config
+    from vssl_ds.methods import build_method, mask_fns
+
+    torch.manual_seed(0)
+    hf = VideoMAEForPreTraining(VideoMAEConfig(
+        image_size=32, patch_size=8, num_frames=8, tubelet_size=2, hidden_size=64, num_hidden_layers=2,
+        num_attention_heads=2, intermediate_size=256, layer_norm_eps=1e-6, use_mean_pooling=False,
+        decoder_hidden_size=32, decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
+        decoder_intermediate_size=128)).eval()
+    with torch.no_grad():  # biases and norms away from their zero / one init, so a wrong mapping shows
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    hf.save_pretrained(str(tmp_path / "pre"))
+    cfg = load_config("tiny_mae", [*TINY, f"model.pretrained={tmp_path / 'pre'}"])
+    method = build_method(cfg).eval()
+    fn = mask_fns(cfg)[0]
+    mask = torch.from_numpy(np.stack([fn(np.random.default_rng(i)) for i in range(2)]))
+    x = torch.randn(2, 3, 8, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = hf(pixel_values=x.permute(0, 2, 1, 3, 4), bool_masked_pos=mask).logits  # [B,Nm,P*C]
+        torch.testing.assert_close(method.trainable(x, mask), want, atol=1e-5, rtol=1e-5)
+
+
+def test_architectures_hf_cannot_express_are_refused_by_name():
+    from vssl_ds.models.hf import hf_config_for
+
+    for name, kwargs, field in (("vit_micro_video", {"pos_embed": "sincos3d"}, "model.pos_embed"),
+                                ("vit_micro_video", {"cls_token": True}, "model.cls_token"),
+                                ("vit_micro_divided_st", {}, "--format vssl")):
+        with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+            hf_config_for(create_model(name, img_size=32, num_frames=8, patch=8, **kwargs))
+
+
+def test_hf_classification_folder_gives_fc_norm_and_head():
+    """A transformers VideoMAEForVideoClassification folder (mean pooling, no encoder norm): the encoder, fc_norm and
+    the classifier load, and pooling as the official fine-tuning model gives transformers' logits."""
+    pytest.importorskip("transformers")
+    import tempfile
+
+    from vssl_ds.compat import patch_torchvision
+
+    patch_torchvision()
+    from transformers import VideoMAEConfig, VideoMAEForVideoClassification
+
+    from vssl_ds.models.weights import load_pretrained
+
+    torch.manual_seed(0)
+    hf = VideoMAEForVideoClassification(VideoMAEConfig(
+        image_size=32, patch_size=8, num_frames=8, tubelet_size=2, hidden_size=64, num_hidden_layers=2,
+        num_attention_heads=2, intermediate_size=256, layer_norm_eps=1e-6, use_mean_pooling=True, num_labels=5)).eval()
+    with tempfile.TemporaryDirectory() as folder:
+        hf.save_pretrained(folder)
+        encoder = create_model("vit_micro_video", img_size=32, num_frames=8, patch=8).eval()
+        encoder.norm = torch.nn.Identity()  # the official fine-tuning model: mean pooling into fc_norm
+        ck = load_pretrained(encoder, folder, drop=("norm.",))
+    fc_norm, head = torch.nn.LayerNorm(64, eps=1e-6), torch.nn.Linear(64, 5)
+    fc_norm.load_state_dict(ck.parts["fc_norm"])
+    head.load_state_dict(ck.parts["head"])
+    x = torch.randn(2, 3, 8, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(head(fc_norm(encoder(x).mean(1))), hf(pixel_values=x.permute(0, 2, 1, 3, 4)).logits,
+                                   atol=1e-4, rtol=1e-4)

@@ -287,7 +287,12 @@ def detect_format(sd: dict) -> str:
 
 
 def read_checkpoint(path: str | Path, model: nn.Module, mode: str = "average") -> Checkpoint:
-    """Read `path` and split it by the rules of its layout; 2D files are inflated to `model`'s shapes."""
+    """Read `path` and split it by the rules of its layout; 2D files are inflated to `model`'s shapes. A Hugging
+    Face VideoMAE folder (config.json + model.safetensors) is renamed to the official VideoMAE layout first."""
+    from .hf import is_hf_folder, read_hf_folder
+
+    if is_hf_folder(path):
+        return _apply_rules(read_hf_folder(path), _VIDEOMAE_RULES, path, "hf_videomae")
     sd = load_file(path)
     fmt = detect_format(sd)
     from .swin3d import VideoSwin

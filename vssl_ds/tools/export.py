@@ -2,6 +2,7 @@
 
     vssl-export runs/mvd_b                       # the run's latest checkpoint → runs/mvd_b/export/encoder.*
     vssl-export runs/mvd_b/checkpoints/step00050000 --out /models/mvd_b.safetensors
+    vssl-export runs/videomae_b --format hf      # → runs/videomae_b/export/hf/: transformers.VideoMAEModel folder
 
 Any ZeRO stage (ZeRO-3 partitions included) is consolidated on CPU without GPUs or a process group. The result
 loads with `vssl_ds.models.exported.load_exported` and, for 2D ViTs, into timm directly (see its JSON's "timm").
@@ -22,7 +23,12 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="vssl-export", description=__doc__,
                                 formatter_class=HelpFormatter)
     p.add_argument("checkpoint", help="a run folder, its checkpoints/ folder, or one checkpoint folder (step…)")
-    p.add_argument("--out", default="", help="output .safetensors (default: <run>/export/encoder.safetensors)")
+    p.add_argument("--out", default="", help="output .safetensors (default: <run>/export/encoder.safetensors); with "
+                                             "--format hf a folder (default: <run>/export/hf)")
+    p.add_argument("--format", choices=("vssl", "hf"), default="vssl",
+                   help="vssl: safetensors + architecture JSON (every encoder); hf: a Hugging Face folder that "
+                        "transformers.VideoMAEModel.from_pretrained loads (joint-attention video ViTs with VideoMAE's "
+                        "1D sin-cos positions and no CLS token)")
     return p.parse_args(argv)
 
 
@@ -39,7 +45,7 @@ def find_checkpoint(path: Path) -> Path:
                             "checkpoints/ folder or one checkpoint folder holding DeepSpeed's *model_states.pt")
 
 
-def export(checkpoint: str | Path, out: str | Path = "") -> tuple[Path, dict]:
+def export(checkpoint: str | Path, out: str | Path = "", fmt: str = "vssl") -> tuple[Path, dict]:
     from tqdm import tqdm
 
     from ..engine.deepspeed import consolidated_weights
@@ -53,10 +59,20 @@ def export(checkpoint: str | Path, out: str | Path = "") -> tuple[Path, dict]:
         bar.set_postfix_str("matching the encoder's weights")
         model, cfg, extra, method = _encoder(tag_dir, state, saved)
         bar.update()
-        out = Path(out) if out else tag_dir.parent.parent / "export" / "encoder.safetensors"
-        bar.set_postfix_str(f"writing {out}")
-        info = save_exported(model, cfg.model, extra, out, {"method": method, "step": int(saved.get("step", 0)),
-                                                             "source": str(tag_dir.resolve())})
+        meta = {"method": method, "step": int(saved.get("step", 0)), "source": str(tag_dir.resolve())}
+        if fmt == "hf":
+            from ..models.hf import hf_config_for, save_hf
+
+            hf_config_for(model)  # what VideoMAE cannot express fails before anything is written
+            out = Path(out) if out else tag_dir.parent.parent / "export" / "hf"
+            bar.set_postfix_str(f"writing {out}")
+            save_hf(model, out, meta)
+            info = {**meta, "model": {"name": cfg.model.name}, "params": sum(p.numel() for p in model.parameters()),
+                    "timm": None, "hf": str(out)}
+        else:
+            out = Path(out) if out else tag_dir.parent.parent / "export" / "encoder.safetensors"
+            bar.set_postfix_str(f"writing {out}")
+            info = save_exported(model, cfg.model, extra, out, meta)
         bar.update()
     return out, info
 
@@ -93,10 +109,15 @@ def _encoder(tag_dir: Path, state: dict, saved: dict):
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        out, info = export(args.checkpoint, args.out)
+        out, info = export(args.checkpoint, args.out, args.format)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.format == "hf":
+        print(f"encoder of {info['method']} step {info['step']} ({info['model']['name']}, {info['params'] / 1e6:.2f}M "
+              f"values) → {out}\n  transformers.VideoMAEModel.from_pretrained('{out}')  (last_hidden_state = the "
+              "encoder's tokens after its final norm; feed pixel_values [B,T,C,H,W] normalised like the training data)")
+        return 0
     print(f"encoder of {info['method']} step {info['step']} ({info['model']['name']}, {info['params'] / 1e6:.2f}M "
           f"values) → {out}\n  architecture: {out.with_suffix('.json')}")
     if info["timm"]:
