@@ -48,7 +48,7 @@ class EvalViews(IterableDataset):
     def __init__(self, spec: str, num_frames: int, stride: int, size: int, clips: int, crops: int,
                  rank: int = 0, world: int = 1, decoder: str = "decord", policy: str = "loop"):
         super().__init__()
-        self.shards = resolve_shards(spec)[rank::world]
+        self.shards = resolve_shards(spec)[rank::world] if spec else []  # '': views() of given samples only
         self.num_frames, self.stride, self.size, self.clips, self.crops = num_frames, stride, size, clips, crops
         self.decoders, self.policy = decoder_order(decoder), policy
 
