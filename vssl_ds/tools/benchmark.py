@@ -406,11 +406,12 @@ def bench_monitor(args) -> dict:
         torch.manual_seed(0)
         method = build_method(cfg).eval()
         d, rng = cfg.data, np.random.default_rng(0)
-        video = torch.randn(1, 3, d.num_frames, d.size, d.size)
+        t = 1 if d.view == "frame_pair" else d.num_frames  # ViC-MAE's clips are single frames
+        video = torch.randn(1, 3, t, d.size, d.size)
         fn = mask_fns(cfg)[0]
         mask = torch.from_numpy(np.stack([fn(rng)])) if fn else None
-        batch = Batch(video=video, mask=mask, views={"long": torch.randn(1, 3, d.num_frames, d.size, d.size),
-                                                     "second": torch.randn(1, 3, d.num_frames, d.size, d.size)})
+        batch = Batch(video=video, mask=mask, views={"long": torch.randn(1, 3, t, d.size, d.size),
+                                                     "second": torch.randn(1, 3, t, d.size, d.size)})
         encoder = method.trainable.get_submodule(ENCODER_PREFIX[cfg.method.name].rstrip("."))
         train = 3 * counted(lambda: method(batch))
         probe = counted(lambda: pooled(encoder, video, "mean")) * (2 if method.probe_pair else 1)
