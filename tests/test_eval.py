@@ -259,3 +259,21 @@ def test_hf_classification_folder_gives_fc_norm_and_head():
     with torch.no_grad():
         torch.testing.assert_close(head(fc_norm(encoder(x).mean(1))), hf(pixel_values=x.permute(0, 2, 1, 3, 4)).logits,
                                    atol=1e-4, rtol=1e-4)
+
+
+def test_extract_reads_a_run_folder_like_its_export(pretrained, val_shards, tmp_path):
+    """vssl-extract --weights <run folder> (its ZeRO-3 checkpoint consolidated on the fly) gives the features the
+    exported encoder gives."""
+    from test_extract import read_features
+
+    from vssl_ds.tools.extract import main as extract
+
+    run, weights = pretrained
+    for name, source in (("run", run), ("export", weights)):
+        assert extract([str(val_shards), str(tmp_path / name), "--weights", str(source), "--workers", "0",
+                        "--stride", "2"]) == 0
+    by_run, _ = read_features(tmp_path / "run")
+    by_export, _ = read_features(tmp_path / "export")
+    assert set(by_run) == set(by_export) and len(by_run) == 12
+    for key in by_run:
+        np.testing.assert_array_equal(by_run[key], by_export[key])
