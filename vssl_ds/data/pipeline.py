@@ -198,7 +198,7 @@ class ShardStream(IterableDataset):
         for r in range(1 if replay is not None else self.view.repeats):
             clips = picks[r * per:(r + 1) * per]
             params = replay["spatial"] if replay is not None else self.view.spatial(frames.shape[1], frames.shape[2], rng)
-            sample = {name: apply_view(frames[[where[int(i)] for i in idx]], p)
+            sample = {name: apply_view(_gather(frames, [where[int(i)] for i in idx]), p)
                       for name, idx, p in zip(names, clips, params)}
             if self.mask_fn is not None:
                 sample["mask"] = torch.from_numpy(self.mask_fn(rng))  # fresh every epoch, cached views or not
@@ -264,20 +264,40 @@ def _label(raw: dict) -> int:
         return -1
 
 
+def _gather(frames: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """The decoded frames a clip uses, in order: the decoded tensor itself when the clip is exactly those frames
+    (no full-resolution copy), a gather otherwise (frames shared by two clips, repeats)."""
+    if rows == list(range(len(frames))):
+        return frames
+    return frames[rows]
+
+
+def _batched(parts: list[torch.Tensor], order: tuple[int, ...] | None) -> torch.Tensor:
+    """Stack per-sample tensors (each permuted by `order`) into one batch written once: in a data worker straight
+    into shared memory, which the DataLoader then hands to the rank without copying it again."""
+    first = parts[0] if order is None else parts[0].permute(*order)
+    out = torch.empty((len(parts), *first.shape), dtype=first.dtype)
+    if torch.utils.data.get_worker_info() is not None:
+        out.share_memory_()
+    for i, part in enumerate(parts):
+        out[i].copy_(part if order is None else part.permute(*order))
+    return out
+
+
 def _collate(items, worker: int, pos: int, faults: Counter, taken=()) -> dict:
     keys, samples, labels = zip(*items)
     out = {"label": torch.tensor(labels, dtype=torch.long), "keys": list(keys), "worker": worker, "pos": pos,
            "faults": dict(faults), "views": {}, "consumed": list(taken)}
     for name in samples[0]:
-        x = torch.stack([s[name] for s in samples])
+        parts = [s[name] for s in samples]
         if name == "mask":
-            out["mask"] = x  # [B,N] bool
+            out["mask"] = _batched(parts, None)  # [B,N] bool
         elif name.startswith("target:"):
-            out.setdefault("targets", {})[name[7:]] = x  # [B,N,D] float
+            out.setdefault("targets", {})[name[7:]] = _batched(parts, None)  # [B,N,D]
         elif name == "image":
-            out["image"] = x[:, 0].permute(0, 3, 1, 2).contiguous()  # [B,C,H,W] uint8
+            out["image"] = _batched([p[0] for p in parts], (2, 0, 1))  # [B,C,H,W] uint8
         else:
-            x = x.permute(0, 4, 1, 2, 3).contiguous()  # [B,C,T,H,W] uint8
+            x = _batched(parts, (3, 0, 1, 2))  # [B,C,T,H,W] uint8
             if name == "video":
                 out["video"] = x
             else:
