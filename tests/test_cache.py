@@ -44,8 +44,11 @@ def test_a_cached_step_equals_the_online_step_on_the_same_view(setup):
     cached_cfg = load_config("mvd_vit_s", [*sets, "method.mvd.targets=cache", f"data.targets={root / 'targets'}"])
     online_cfg = load_config("mvd_vit_s", sets)
     loader, _ = build_loader(cached_cfg.data, *mask_fns(cached_cfg), 0, 1, 0, *cache_targets(cached_cfg))
-    batch = next(iter(loader)).to("cpu", cached_cfg.data.mean, cached_cfg.data.std)
+    shipped = next(iter(loader))
+    assert {t.dtype for t in shipped.targets.values()} == {torch.float16}  # as stored: half the bytes of fp32
+    batch = shipped.to("cpu", cached_cfg.data.mean, cached_cfg.data.std)  # widened where the batch lands
     assert batch.targets["img"].shape == (2, 64, 64) and batch.targets["vid"].shape == (2, 64, 192)
+    assert batch.targets["vid"].dtype == torch.float32
     cached, online = build_method(cached_cfg), build_method(online_cfg)
     online.trainable.load_state_dict(cached.trainable.state_dict())  # the same student
     assert not list(cached.frozen.parameters())  # no teacher is even built when training from the cache
@@ -83,6 +86,12 @@ def test_int8_targets_keep_cosine_on_real_footage():
     back = decode_targets(raw, "vid", 0)
     assert torch.nn.functional.cosine_similarity(back, x, dim=-1).min() >= 0.999
     assert len(raw["v0.vid.npy"]) < 0.6 * x.numel() * 2  # about half of fp16
+    # int8 travels as int8 with its per-token scale and is widened where the batch lands, to the same values
+    from vssl_ds.data.targets import stored_targets, widen_targets
+
+    shipped = stored_targets(raw, "vid", 0)
+    assert shipped["vid"].dtype == torch.int8 and shipped["vid_scale"].dtype == torch.float16
+    assert torch.equal(widen_targets(shipped)["vid"], back) and set(widen_targets(shipped)) == {"vid"}
 
 
 def test_a_killed_job_resumes_to_the_same_files(setup, tmp_path):

@@ -279,7 +279,9 @@ class HealthMonitor:
         if probe_images is None:
             return None
         masks = torch.from_numpy(np.stack([self.mask_fn(np.random.default_rng([self.seed, 7, i])) for i in range(k)]))
-        targets = {n: t[:k].to(self.device) for n, t in self.probe_targets.items()}
+        from .data.targets import widen_targets
+
+        targets = widen_targets({n: t[:k].to(self.device) for n, t in self.probe_targets.items()})
         if targets and any(len(t) < k for t in targets.values()):
             return None  # (cached targets missing for some clips: a probe file from an older run)
         trainable = self.method.trainable

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .targets import widen_targets
 from .transforms import normalize
 
 
@@ -29,7 +30,8 @@ class Batch:
         norm = lambda t: None if t is None else normalize(move(t), mean, std)  # noqa: E731
         return Batch(video=norm(self.video), mask=move(self.mask), label=move(self.label), keys=self.keys,
                      views={k: norm(v) for k, v in self.views.items()}, image=norm(self.image),
-                     image_mask=move(self.image_mask), targets={k: move(v) for k, v in self.targets.items()})
+                     image_mask=move(self.image_mask),
+                     targets=widen_targets({k: move(v) for k, v in self.targets.items()}))  # widened on the device
 
     def pin_memory(self) -> "Batch":
         pin = lambda t: None if t is None else t.pin_memory()  # noqa: E731

@@ -37,7 +37,7 @@ from .sampling import ShortVideo
 from .shards import Shard, epoch_order, split
 from .sources import IMAGE_EXTS, VIDEO_EXTS
 from .transforms import apply_view
-from .targets import decode_targets
+from .targets import stored_targets
 from .views import View
 
 log = logging.getLogger(__name__)
@@ -218,7 +218,7 @@ class ShardStream(IterableDataset):
         k = self.epoch % len(meta["views"])
         view = meta["views"][k]
         return {"frames": view["frames"], "spatial": view["spatial"],
-                "targets": {n: decode_targets(raw, n, k) for n in self.cache_targets}}
+                "targets": {m: t for n in self.cache_targets for m, t in stored_targets(raw, n, k).items()}}
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()

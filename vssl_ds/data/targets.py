@@ -32,11 +32,39 @@ def encode_targets(name: str, k: int, x: torch.Tensor, dtype: str) -> dict[str, 
     raise ValueError(f"cache dtype must be fp16, int8 or uint16, got '{dtype}'")
 
 
+SCALE = "_scale"  # an int8 target `name` travels with its per-token scale as `name_scale`
+
+
 def decode_targets(raw: dict, name: str, k: int) -> torch.Tensor:
     """The float32 [N,D] target `name` of view k (int64 [N] for token ids) from a joined raw sample."""
+    return widen_targets(stored_targets(raw, name, k))[name]
+
+
+def stored_targets(raw: dict, name: str, k: int) -> dict[str, torch.Tensor]:
+    """Target `name` of view k as stored, for the trip to the device: {name: fp16 [N,D]} or {name: int8 [N,D],
+    name_scale: fp16 [N,1]}, or {name: int64 [N]} for token ids. Half (fp16) or a quarter (int8) of the bytes a
+    float32 copy would move through the data workers' queues and the host-to-device copy."""
     q = npy_load(raw[f"v{k}.{name}.npy"])
     if q.dtype == np.uint16:
-        return torch.from_numpy(q.astype(np.int64))
-    scale = raw.get(f"v{k}.{name}_scale.npy")
-    x = torch.from_numpy(q.astype(np.float32))
-    return x * torch.from_numpy(npy_load(scale).astype(np.float32)) if scale is not None else x
+        return {name: torch.from_numpy(q.astype(np.int64))}
+    out = {name: torch.from_numpy(q)}
+    scale = raw.get(f"v{k}.{name}{SCALE}.npy")
+    if scale is not None:
+        out[name + SCALE] = torch.from_numpy(npy_load(scale))
+    return out
+
+
+def widen_targets(targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Stored targets → float32 (int8 x its scale; fp16 widened), token ids unchanged; on whatever device they
+    are (the rank's, after Batch.to: the widening runs there)."""
+    out = {}
+    for name, x in targets.items():
+        if name.endswith(SCALE) and name[:-len(SCALE)] in targets:
+            continue
+        if x.dtype == torch.int8:
+            out[name] = x.float() * targets[name + SCALE].float()
+        elif x.is_floating_point():
+            out[name] = x.float()
+        else:
+            out[name] = x
+    return out
