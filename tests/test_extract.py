@@ -129,3 +129,14 @@ def test_two_ranks_give_the_same_features_as_one(videos, tmp_path):
     for key in one:
         np.testing.assert_allclose(two[key], one[key], atol=1e-5)
     assert json.loads((tmp_path / "two" / "failures.jsonl").read_text().splitlines()[0])["key"].endswith("broken")
+
+
+def test_bad_input_is_a_clear_error(videos, tmp_path, capsys):
+    folder, weights, _ = videos
+    assert extract([str(tmp_path / "no_such_folder"), str(tmp_path / "o"), "--weights", str(weights)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text("{}")
+    assert extract([str(tmp_path / "bad.json"), str(tmp_path / "o"), "--weights", str(weights)]) == 2
+    assert "no 'shards' list" in capsys.readouterr().err
+    assert extract([str(folder), str(tmp_path / "o"), "--weights", str(tmp_path / "missing.safetensors")]) == 2
+    assert "missing" in capsys.readouterr().err

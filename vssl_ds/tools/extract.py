@@ -91,6 +91,10 @@ def list_inputs(spec: str) -> tuple[str, list[tuple[str, str, int]]]:
             dup = next(k for k in keys if keys.count(k) > 1)
             raise ValueError(f"CSV '{spec}' lists '{dup}' twice: every video must be listed once")
         return "files", rows
+    local = "://" not in spec and not spec.startswith("pipe:") and not any(c in spec for c in "{;")
+    if local and not path.exists():
+        raise FileNotFoundError(f"input '{spec}' does not exist: give a folder of videos, a CSV path[,label] or "
+                                "shards (a manifest.json or a brace pattern)")
     return "shards", []
 
 
@@ -252,8 +256,13 @@ def main(argv=None) -> int:
     done = done_keys(out) if rank == 0 else None
     done = dist.all_gather_object(done)[0] if world > 1 else done
     dist.barrier()
-    views = EvalViews(args.input if kind == "shards" else "", frames, args.stride, size, args.clips, 1, rank, world,
-                      args.decoder)
+    try:
+        views = EvalViews(args.input if kind == "shards" else "", frames, args.stride, size, args.clips, 1, rank,
+                          world, args.decoder)
+    except ValueError as e:  # an unreadable manifest (DataError)
+        print(f"error: {e}", file=sys.stderr)
+        dist.shutdown()
+        return 2
     if kind == "files":
         todo = [it for it in items if it[0] not in done]
         mine = todo[rank::world]
