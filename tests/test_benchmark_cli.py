@@ -83,3 +83,12 @@ def test_monitor_benchmark_reports_the_share_per_rank_count(tmp_path):
     assert row["picture_gflop_per_clip"] > 0  # rank 0 reconstructs monitor.images clips (MAE)
     # 32 probe clips: 32 vs 8 per rank; rank 0's picture is not split
     assert row["share_pct"]["4"] < row["share_pct"]["1"] < 4 * row["share_pct"]["4"]
+
+
+def test_copies_benchmark_compares_old_and_new_host_copies(tmp_path):
+    """The side-by-side measure of the data worker's copies runs, and the batch written once into shared memory is
+    exactly the old stacked one (checked inside the benchmark)."""
+    assert main(["copies", "--iters", "2", "--batch", "2", "--frames", "4", "--height", "64", "--width", "96",
+                 "--size", "32", "--json", str(tmp_path / "c.json")]) == 0
+    row = json.loads((tmp_path / "c.json").read_text())
+    assert row["collate_speedup"] > 0 and row["gather: as is"] < row["gather: copy"]

@@ -272,12 +272,12 @@ def _gather(frames: torch.Tensor, rows: list[int]) -> torch.Tensor:
     return frames[rows]
 
 
-def _batched(parts: list[torch.Tensor], order: tuple[int, ...] | None) -> torch.Tensor:
-    """Stack per-sample tensors (each permuted by `order`) into one batch written once: in a data worker straight
-    into shared memory, which the DataLoader then hands to the rank without copying it again."""
+def _batched(parts: list[torch.Tensor], order: tuple[int, ...] | None, shared: bool | None = None) -> torch.Tensor:
+    """Stack per-sample tensors (each permuted by `order`) into one batch written once: in a data worker (or with
+    `shared`) straight into shared memory, which the DataLoader then hands to the rank without copying it again."""
     first = parts[0] if order is None else parts[0].permute(*order)
     out = torch.empty((len(parts), *first.shape), dtype=first.dtype)
-    if torch.utils.data.get_worker_info() is not None:
+    if shared or (shared is None and torch.utils.data.get_worker_info() is not None):
         out.share_memory_()
     for i, part in enumerate(parts):
         out[i].copy_(part if order is None else part.permute(*order))
