@@ -24,8 +24,13 @@ def test_every_variant_runs_forward_and_backward(name):
     torch.manual_seed(0)
     kw, x = _tiny_input(name)
     # L / H in bf16, each gradient read and dropped as it arrives: the peak stays near the bf16 weights
-    # (the H variants alone would otherwise hold 2 x 2.5 GB of fp32 weights and gradients)
-    dtype = torch.bfloat16 if model_stats(name, **kw)["params_m"] > 250 else torch.float32
+    # (the H variants alone would otherwise hold 2 x 2.5 GB of fp32 weights and gradients); and 2 of their blocks:
+    # every block is the same module at the variant's width, so two show the wiring (a full L / H took 35-45 s each
+    # on 2 CPU cores; their sizes are held by test_parameters_and_flops_match_the_papers)
+    large = model_stats(name, **kw)["params_m"] > 250
+    dtype = torch.bfloat16 if large else torch.float32
+    if large:
+        kw["depth"] = 2
     torch.set_default_dtype(dtype)
     try:
         model = create_model(name, attn_backend="sdpa", **kw)
@@ -50,11 +55,13 @@ def test_every_variant_runs_forward_and_backward(name):
     assert sum(signal[n] for n in names) >= 0.65 * len(names)
 
 
-# published figures: VideoMAE (ViT 16×224², tubelet 2×16×16), Video Swin (32×224²), TimeSformer (8×224²)
+# published figures: VideoMAE (ViT 16×224², tubelet 2×16×16), Video Swin (32×224²), TimeSformer (8×224²), timm's
+# ViT-L/16 and ViT-H/14 at 224² (304 M / 61.6 GMACs, 632 M / 167.4 GMACs, with their 1000-class heads)
 PUBLISHED = [
     ("vit_small_video", {}, 22, 57), ("vit_base_video", {}, 87, 180), ("vit_large_video", {}, 305, 597),
     ("vit_huge_video", {}, 633, 1192), ("swin3d_tiny", {"num_frames": 32}, 28, 88),
     ("swin3d_base", {"num_frames": 32}, 88, 282), ("vit_base_divided_st", {}, 121, 196),
+    ("vit2d_large_patch16", {"img_size": 224}, 304, 61.6), ("vit2d_huge_patch14", {"img_size": 224}, 632, 167.4),
 ]
 
 
