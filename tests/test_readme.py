@@ -176,7 +176,7 @@ def test_every_readme_command_works(followed):
     assert list((cwd / "runs/tiny_mae/tb").glob("events.out.tfevents.*"))
 
 
-# what the health monitor adds to each toy_* run (monitor.every=15 of 30 steps): its picture, and alignment /
+# what the health monitor adds to each toy_* run (monitor.every=6 of 12 steps): its picture, and alignment /
 # uniformity for the two-clip methods (the image-only BEVT stage has no video to probe)
 MONITOR_IMAGE = {"toy_mae": "reconstruction", "toy_vicmae": "reconstruction", "toy_mvd": "token_error",
                  "toy_bevt": "token_accuracy", "toy_bevt_joint": "token_accuracy"}
