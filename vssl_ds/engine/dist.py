@@ -2,16 +2,9 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def prepare_env() -> str:
@@ -34,7 +27,10 @@ def prepare_env() -> str:
         return "slurm"
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    # port 0: the store of a one-process group binds a port the kernel picks as it listens. A port probed free
+    # beforehand could be taken by another process before the store binds it (EADDRINUSE, seen when single-process
+    # runs start side by side)
+    os.environ.setdefault("MASTER_PORT", "0")
     return "single"
 
 
