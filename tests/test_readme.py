@@ -176,7 +176,7 @@ def test_every_readme_command_works(followed):
     assert list((cwd / "runs/tiny_mae/tb").glob("events.out.tfevents.*"))
 
 
-# what the health monitor adds to each toy_* run (monitor.every=6 of 12 steps): its picture, and alignment /
+# what the health monitor adds to each toy_* run (monitor.every=3; CAP stops at step 3): its picture, and alignment /
 # uniformity for the two-clip methods (the image-only BEVT stage has no video to probe)
 MONITOR_IMAGE = {"toy_mae": "reconstruction", "toy_vicmae": "reconstruction", "toy_mvd": "token_error",
                  "toy_bevt": "token_accuracy", "toy_bevt_joint": "token_accuracy"}
@@ -196,9 +196,9 @@ def test_every_method_trains_at_toy_size(followed, name):
     assert (followed[0] / "runs" / name / "final_model.pt").is_file()
     if not name.startswith("toy_") or name == "toy_bevt_image":
         return
-    assert len(scalars["monitor/rankme"]) == 2 and all(math.isfinite(v) for v in scalars["monitor/feat_std_mean"])
+    assert len(scalars["monitor/rankme"]) >= 1 and all(math.isfinite(v) for v in scalars["monitor/feat_std_mean"])
     if name.startswith(TWO_CLIP):
-        assert len(scalars["monitor/alignment"]) == 2 and all(v <= 0 for v in scalars["monitor/uniformity"]), scalars
+        assert len(scalars["monitor/alignment"]) >= 1 and all(v <= 0 for v in scalars["monitor/uniformity"]), scalars
     else:
         assert "monitor/alignment" not in scalars
     acc = EventAccumulator(str(followed[0] / "runs" / name / "tb"), size_guidance={"images": 0})
