@@ -108,8 +108,7 @@ def save_hf(model: nn.Module, out_dir: str | Path, extra: dict | None = None) ->
 
 
 # Hugging Face VideoMAE names (with or without the `videomae.` prefix) → the official VideoMAE checkpoint's
-_LAYER = [
-    (r"attention\.attention\.(query|key|value)\.weight", None),  # fused below
+_LAYER = [  # (query / key / value weights are fused into qkv separately)
     (r"attention\.attention\.(?:q_bias|query\.bias)", "attn.q_bias"),
     (r"attention\.attention\.(?:v_bias|value\.bias)", "attn.v_bias"),
     (r"attention\.output\.dense\.(weight|bias)", r"attn.proj.\1"),
@@ -148,7 +147,7 @@ def read_hf_folder(path: str | Path) -> dict[str, torch.Tensor]:
             if w:
                 qkv.setdefault(prefix, {})[w.group(1)] = v
                 continue
-            for pattern, repl in _LAYER[1:]:
+            for pattern, repl in _LAYER:
                 if re.fullmatch(pattern, rest):
                     out[prefix + re.sub(pattern, repl, rest)] = v
                     break

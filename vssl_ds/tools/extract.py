@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from ..cli import HelpFormatter
+from ..data.targets import npy_bytes
 
 log = logging.getLogger(__name__)
 VIDEO_EXT = {".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".ogv", ".gif"}
@@ -189,7 +190,7 @@ class ShardWriter:
         if self.tar is None:
             self.tmp = self.out / f"features-{self.rank:03d}-{self.next:06d}.tar.tmp"
             self.tar = tarfile.open(self.tmp, "w")
-        for name, data in ((f"{key}.npy", _npy(array)), (f"{key}.json", json.dumps(meta).encode())):
+        for name, data in ((f"{key}.npy", npy_bytes(array)), (f"{key}.json", json.dumps(meta).encode())):
             info = tarfile.TarInfo(name)
             info.size, info.mtime = len(data), 0
             self.tar.addfile(info, io.BytesIO(data))
@@ -206,12 +207,6 @@ class ShardWriter:
         with open(self.out / f"progress-{self.rank:03d}.jsonl", "a") as f:
             f.write(json.dumps({"shard": final.name, "keys": self.keys}) + "\n")
         self.next, self.tar, self.keys = self.next + 1, None, []
-
-
-def _npy(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()
 
 
 def done_keys(out: Path) -> set[str]:
