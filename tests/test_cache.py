@@ -195,3 +195,35 @@ def test_verify_verdict_fails_outside_the_thresholds():
     result, lines = verdict(bad)
     assert result == "FAIL" and any(line.startswith("  FAIL img cosine_min") for line in lines)
     assert verdict({"views": 0})[0] == "FAIL"
+
+
+def test_each_clip_is_decoded_once_for_all_its_views(shards, monkeypatch):
+    """draw_views decodes a video once for its K views and gives each view what decoding it alone gives."""
+    from webdataset.tariterators import tarfile_samples
+
+    from vssl_ds.data.build import view_from
+    from vssl_ds.data.decode import decode
+    from vssl_ds.data.shards import resolve_shards
+    from vssl_ds.data.transforms import apply_view
+    from vssl_ds.tools import cache_teachers as ct
+
+    cfg = load_config("mvd_vit_s", [*BASE, f"data.train={shards}"])
+    view = view_from(cfg.data)
+    raw = next(iter(tarfile_samples([{"url": resolve_shards(str(shards))[0].url}])))
+    calls = []
+    monkeypatch.setattr(ct, "decode", lambda *a: calls.append(1) or decode(*a))
+    records, clips = ct.draw_views(raw, view, cfg, 3)
+    assert len(calls) == 1 and clips.shape[:2] == (3, 1)
+    for k in range(3):  # the reference: view k drawn and decoded on its own
+        rng = ct._view_rng(cfg.run.seed, k, raw["__key__"])
+        chosen = []
+
+        def pick(n):  # drawn once (decord cannot read 48-px clips: PyAV, the fallback, asks again)
+            chosen[:] = chosen or view.pick(n, rng)
+            return np.concatenate(chosen)
+
+        _, frames, _ = decode(raw["mp4"], pick)
+        spatial = view.spatial(frames.shape[1], frames.shape[2], rng)
+        assert records[k] == {"frames": [i.tolist() for i in chosen], "spatial": spatial}
+        assert torch.equal(clips[k, 0], apply_view(torch.from_numpy(frames), spatial[0]))
+    assert records[0] != records[1]

@@ -58,35 +58,35 @@ def _view_rng(seed: int, k: int, key: str) -> np.random.Generator:
 
 
 def draw_views(raw: dict, view, cfg, k_views: int):
-    """K views of one sample (video, or image as a 1-frame clip): (records, uint8 clips [K,P,T,H,W,C]) with P
-    the clips of the view (1, or 2 for long_short); raises DecodeError / ShortVideo."""
+    """K views of one sample (video, or image as a 1-frame clip), decoded once for all of them: (records, uint8
+    clips [K,P,T,H,W,C]) with P the clips of the view (1, or 2 for long_short); raises DecodeError / ShortVideo.
+    View k draws its frames, then its crops, from its own generator (seed, k, key), as if drawn alone."""
     from ..data.decode import decode_image
-    from ..data.pipeline import IMAGE_MEMBERS, MEDIA
+    from ..data.pipeline import IMAGE_MEMBERS, MEDIA, _gather
 
     member = next((m for m in MEDIA if m in raw), None)
     if member is None:
         raise DecodeError(f"no video/image member (has {sorted(k for k in raw if not k.startswith('__'))})")
+    rngs = [_view_rng(cfg.run.seed, k, raw["__key__"]) for k in range(k_views)]
+    picked: list[list[np.ndarray]] = []  # per view, its clips' frame indices
+
+    def pick(n: int) -> np.ndarray:  # drawn once: a fallback decoder must not draw other views
+        if not picked:
+            picked.extend(view.pick(n, rng) for rng in rngs)
+        return np.unique(np.concatenate([idx for clips in picked for idx in clips]))  # every frame any view uses
+
+    if member in IMAGE_MEMBERS:
+        indices, frames = decode_image(raw[member], pick)
+    else:
+        indices, frames, _ = decode(raw[member], pick, decoder_order(cfg.data.decoder))
+    row = {int(i): r for r, i in enumerate(indices)}
+    frames = torch.from_numpy(frames)  # [F,H,W,C]: the distinct frames of all views
     records, clips = [], []
-    for k in range(k_views):
-        rng = _view_rng(cfg.run.seed, k, raw["__key__"])
-        picked: list[list[np.ndarray]] = []
-
-        def pick(n: int) -> np.ndarray:  # drawn once: a fallback decoder must not draw another view
-            if not picked:
-                picked.append(view.pick(n, rng))
-            return np.concatenate(picked[0])  # every clip of the view, in order (repeats allowed)
-
-        if member in IMAGE_MEMBERS:
-            _, frames = decode_image(raw[member], pick)
-        else:
-            _, frames, _ = decode(raw[member], pick, decoder_order(cfg.data.decoder))
+    for rng, chosen in zip(rngs, picked):
         spatial = view.spatial(frames.shape[1], frames.shape[2], rng)
-        frames, parts, start = torch.from_numpy(frames), [], 0
-        for idx, p in zip(picked[0], spatial):
-            parts.append(apply_view(frames[start:start + len(idx)], p))
-            start += len(idx)
-        clips.append(torch.stack(parts))
-        records.append({"frames": [idx.tolist() for idx in picked[0]], "spatial": spatial})
+        clips.append(torch.stack([apply_view(_gather(frames, [row[int(i)] for i in idx]), p)
+                                  for idx, p in zip(chosen, spatial)]))
+        records.append({"frames": [idx.tolist() for idx in chosen], "spatial": spatial})
     return records, torch.stack(clips)
 
 
