@@ -32,7 +32,16 @@ def test_cache_benchmark_reports_the_ratio_and_bytes(tmp_path):
                  "--video-teacher", "vit_micro_video", "--size", "32", "--frames", "4", "--batch", "1",
                  "--iters", "1", "--json", str(tmp_path / "c.json")]) == 0
     c = json.loads((tmp_path / "c.json").read_text())
-    assert c["speedup"] > 0 and c["bytes_per_clip_per_view"]["vid/int8"] < c["bytes_per_clip_per_view"]["vid/fp16"]
+    assert c["speedup"] > 0
+    fp16, int8 = c["storage"]["fp16"], c["storage"]["int8"]
+    assert int8["bytes_per_teacher"]["vid"] < fp16["bytes_per_teacher"]["vid"]
+    n, d = 4 // 2 * (32 // 16) ** 2, 64  # the video teacher's rows and width at this size (vit_micro_video)
+    assert n * d * 2 < fp16["bytes_per_teacher"]["vid"] <= n * d * 2 + 128  # fp16 values and the .npy header
+    assert fp16["bytes_per_step"] == fp16["bytes_per_clip"] == sum(fp16["bytes_per_teacher"].values())  # batch 1
+    for row in (fp16, int8):  # feeding clips/s needs clips/s x bytes; it stops paying below bytes/step / online time
+        assert row["feed_bandwidth_MBps"] == pytest.approx(c["storage"]["clips_per_s"] * row["bytes_per_clip"] / 1e6, abs=0.06)
+        assert row["break_even_bandwidth_MBps"] == pytest.approx(row["bytes_per_step"] / c["online_step_s"] / 1e6, rel=0.02, abs=0.06)
+        assert row["worker_cpu_ms_per_clip"] > 0
 
 
 @pytest.mark.slow

@@ -66,6 +66,8 @@ def parse_args(argv=None):
     c.add_argument("--batch", type=int, default=2)
     c.add_argument("--frames", type=int, default=16)
     c.add_argument("--size", type=int, default=224)
+    c.add_argument("--clips-per-s", type=float, default=0.0,
+                   help="training rate the storage must feed (default: the cached step's own rate on this device)")
     cp = sub.add_parser("copies", help="the data worker's host copies: gather and collate, old vs now, side by side")
     cp.add_argument("--frames", type=int, default=16)
     cp.add_argument("--height", type=int, default=320)
@@ -375,18 +377,65 @@ def bench_cache(args) -> dict:
 
     t_cached = _timed(lambda: step(cached_batch, True), args.iters, device, "cached targets")
     t_online = _timed(lambda: step(online_batch, False), args.iters, device, "online teachers")
-    sizes = {}
-    for name, x in targets.items():
-        for kind in ("fp16", "int8"):
-            sizes[f"{name}/{kind}"] = sum(len(v) for v in encode_targets(name, 0, x[0], kind).values())
     out = {"setup": {**info, "student": args.student, "image_teacher": args.image_teacher,
                      "video_teacher": args.video_teacher, "batch": b, "frames": args.frames, "size": args.size},
            "cached_step_s": round(t_cached, 4), "online_step_s": round(t_online, 4),
-           "speedup": round(t_online / t_cached, 2), "bytes_per_clip_per_view": sizes}
+           "speedup": round(t_online / t_cached, 2)}
     print(f"  cached targets {t_cached * 1000:9.1f} ms/step\n  online teachers {t_online * 1000:8.1f} ms/step\n"
-          f"  speed-up {out['speedup']}x; bytes per clip per view: " + ", ".join(f"{k} {v}" for k, v in sizes.items()))
+          f"  speed-up {out['speedup']}x", flush=True)
+    out["storage"] = _cache_storage(targets, b, t_cached, t_online, args.clips_per_s or b / t_cached, device)
     shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _cache_storage(targets: dict, batch: int, t_cached: float, t_online: float, clips_per_s: float, device) -> dict:
+    """What the cache costs on the way in, per storage dtype: bytes per clip (one view, every teacher) and per step,
+    the data worker's CPU time to parse them (the .npy members read from a tar, as the pipeline does), the
+    device-side widening, and two storage bandwidths: the one that feeds `clips_per_s`, and the one below which
+    reading a step's targets takes longer than running the teachers (the cache stops paying off)."""
+    from webdataset.tariterators import tarfile_samples
+    import webdataset as wds
+
+    from ..data.targets import encode_targets, stored_targets, widen_targets
+
+    rows, tmp = {}, Path(tempfile.mkdtemp(prefix="vssl-bench-targets-"))
+    for kind in ("fp16", "int8"):
+        members, per_teacher = {}, {}
+        for name, x in targets.items():
+            mine = encode_targets(name, 0, x[0], kind)
+            members.update(mine)
+            per_teacher[name] = sum(len(v) for v in mine.values())
+        per_clip = sum(per_teacher.values())
+        tar = tmp / f"{kind}.tar"
+        with wds.TarWriter(str(tar)) as sink:
+            for i in range(32):
+                sink.write({"__key__": f"clip{i:04d}", **members})
+        parsed, t0 = 0, time.process_time()
+        while time.process_time() - t0 < 1.0:  # the worker's side: tar → arrays as stored
+            for raw in tarfile_samples([{"url": str(tar)}]):
+                for name in targets:
+                    stored_targets(raw, name, 0)
+                parsed += 1
+        worker_ms = 1000 * (time.process_time() - t0) / parsed
+        stored = {}
+        for name in targets:
+            stored.update({k: torch.cat([v] * batch) for k, v in stored_targets(raw, name, 0).items()})
+        widen_ms = 1000 * _timed(lambda: widen_targets({k: v.to(device) for k, v in stored.items()}), 10, device,
+                                 f"{kind}: to the device + widen")
+        step_bytes = per_clip * batch
+        rows[kind] = {"bytes_per_clip": per_clip, "bytes_per_teacher": per_teacher, "bytes_per_step": step_bytes,
+                      "worker_cpu_ms_per_clip": round(worker_ms, 3), "to_device_widen_ms_per_step": round(widen_ms, 3),
+                      "feed_bandwidth_MBps": round(per_clip * clips_per_s / 1e6, 1),
+                      "break_even_bandwidth_MBps": round(step_bytes / t_online / 1e6, 1)}
+        r = rows[kind]
+        print(f"  {kind}: {per_clip / 1e6:.2f} MB per clip and view ({step_bytes / 1e6:.1f} MB per step of {batch}); "
+              f"worker {r['worker_cpu_ms_per_clip']} CPU-ms per clip to parse; {r['to_device_widen_ms_per_step']} ms "
+              f"per step to the device and widened\n"
+              f"     storage must deliver {r['feed_bandwidth_MBps']} MB/s at {clips_per_s:.1f} clips/s; below "
+              f"{r['break_even_bandwidth_MBps']} MB/s reading the targets takes longer than running the teachers "
+              f"({t_online * 1000:.1f} ms/step): the cache stops paying off", flush=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return {"clips_per_s": round(clips_per_s, 2), **rows}
 
 
 def bench_copies(args) -> dict:

@@ -371,7 +371,8 @@ def part_mvd(s, device) -> dict:
 
     student, image_teacher, video_teacher, batch = s["mvd"]
     args = argparse.Namespace(student=student, image_teacher=image_teacher, video_teacher=video_teacher, batch=batch,
-                              frames=s["frames"], size=s["size"], backends="sdpa", iters=s["iters"], dtype="auto")
+                              frames=s["frames"], size=s["size"], backends="sdpa", iters=s["iters"], dtype="auto",
+                              clips_per_s=0.0)
     return bench_cache(args)
 
 
