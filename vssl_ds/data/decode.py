@@ -28,10 +28,11 @@ def decode_decord(data: bytes, pick: Pick) -> tuple[np.ndarray, np.ndarray]:
     return indices, frames
 
 
-def decode_pyav(data: bytes, pick: Pick) -> tuple[np.ndarray, np.ndarray]:
+def decode_pyav(data: bytes, pick: Pick, stats: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """PyAV, one codec thread, seeking to the keyframe before each run of wanted frames (frames are found by
     their presentation timestamps, read from the packets without decoding). A stream whose timestamps are
-    missing or repeated is decoded sequentially instead. → (indices [T], frames [T,H,W,C] uint8)"""
+    missing or repeated is decoded sequentially instead. `stats["decoded"]` (if given) counts the frames the
+    codec decoded, wanted or not. → (indices [T], frames [T,H,W,C] uint8)"""
     import av
 
     try:
@@ -41,21 +42,21 @@ def decode_pyav(data: bytes, pick: Pick) -> tuple[np.ndarray, np.ndarray]:
             packets = [(p.pts, p.is_keyframe) for p in container.demux(stream) if p.size]
             pts = sorted(p for p, _ in packets if p is not None)
             if not pts or len(pts) != len(packets) or len(set(pts)) != len(pts):
-                return _pyav_sequential(container, pick)
+                return _pyav_sequential(container, pick, stats)
             indices = np.asarray(pick(len(pts)), dtype=np.int64)
             keys = sorted(p for p, key in packets if key)
             if not keys or keys[0] != pts[0]:
-                return _pyav_sequential(container, pick)
-            kept = _pyav_seeking(container, stream, [pts[i] for i in sorted(set(indices.tolist()))], keys)
+                return _pyav_sequential(container, pick, stats)
+            kept = _pyav_seeking(container, stream, [pts[i] for i in sorted(set(indices.tolist()))], keys, stats)
             missing = [int(i) for i in indices if pts[i] not in kept]
             if missing:  # a decoder delay or an open GOP hid a frame from the seek: take the sure way, with the
-                return _pyav_sequential(container, lambda n: indices)  # same indices (pick draws only once)
+                return _pyav_sequential(container, lambda n: indices, stats)  # same indices (pick draws once)
             return indices, np.stack([kept[pts[i]] for i in indices])
     except (av.error.FFmpegError, IndexError, ValueError) as e:
         raise DecodeError(f"pyav: {e}") from None
 
 
-def _pyav_seeking(container, stream, wanted: list[int], keys: list[int]) -> dict[int, np.ndarray]:
+def _pyav_seeking(container, stream, wanted: list[int], keys: list[int], stats=None) -> dict[int, np.ndarray]:
     """{pts: frame} of the `wanted` timestamps (ascending): one seek per keyframe interval that holds some."""
     import bisect
 
@@ -68,6 +69,8 @@ def _pyav_seeking(container, stream, wanted: list[int], keys: list[int]) -> dict
             container.seek(key, stream=stream, backward=True, any_frame=False)
             frames, last = container.decode(stream), None
         for frame in frames:
+            if stats is not None:
+                stats["decoded"] = stats.get("decoded", 0) + 1
             if frame.pts is None:
                 break
             last = frame.pts
@@ -78,13 +81,15 @@ def _pyav_seeking(container, stream, wanted: list[int], keys: list[int]) -> dict
     return kept
 
 
-def _pyav_sequential(container, pick: Pick) -> tuple[np.ndarray, np.ndarray]:
+def _pyav_sequential(container, pick: Pick, stats=None) -> tuple[np.ndarray, np.ndarray]:
     """Decode from the start up to the last wanted frame (a stream without usable timestamps)."""
     container.seek(0)
     stream = container.streams.video[0]
     count = stream.frames
     if count <= 0:  # no frame count in the header: decode everything once
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+        if stats is not None:
+            stats["decoded"] = stats.get("decoded", 0) + len(frames)
         if not frames:
             _empty()
         indices = np.asarray(pick(len(frames)), dtype=np.int64)
@@ -92,6 +97,8 @@ def _pyav_sequential(container, pick: Pick) -> tuple[np.ndarray, np.ndarray]:
     indices = np.asarray(pick(count), dtype=np.int64)
     wanted, last, kept = set(indices.tolist()), int(indices.max()), {}
     for i, frame in enumerate(container.decode(stream)):
+        if stats is not None:
+            stats["decoded"] = stats.get("decoded", 0) + 1
         if i in wanted:
             kept[i] = frame.to_ndarray(format="rgb24")
         if i >= last:

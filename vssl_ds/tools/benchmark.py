@@ -44,7 +44,12 @@ def parse_args(argv=None):
     d.add_argument("--stride", type=int, default=4)
     d.add_argument("--size", type=int, default=224)
     d.add_argument("--short-side", type=int, default=320, help="short side the clips are re-encoded to")
-    d.add_argument("--clips", type=int, default=24, help="generated clips added to the real ones")
+    d.add_argument("--clips", type=int, default=24, help="generated clips added to the real ones (0: real footage only)")
+    d.add_argument("--segment", type=float, default=4.0, help="seconds per piece the real footage is cut into")
+    d.add_argument("--repeats", default="1", help="data.repeats values measured for vssl_ds (e.g. 1,2,4: clips "
+                   "re-cropped and re-masked from one decode, as VideoMAE V2 does)")
+    d.add_argument("--decoders", default="decord,pyav", help="vssl_ds's data.decoder for each row (first = the "
+                   "repeats rows); every decoder's ceiling is measured either way")
     d.add_argument("--workdir", default="", help="keep the generated shards/files here (default: a temp dir)")
     d.add_argument("--json", default="", help="also write the figures to this JSON file")
     a = sub.add_parser("attention", help="time per attention backend (forward + backward)")
@@ -130,13 +135,28 @@ class VideoMAEStyle(torch.utils.data.Dataset):
         return video, torch.from_numpy(np.tile(spatial, t))
 
 
+def _tree_cpu_seconds() -> float:
+    """User + system CPU seconds of this process and every live descendant (the data workers)."""
+    import psutil
+
+    me = psutil.Process()
+    total = sum(me.cpu_times()[:2])
+    for child in me.children(recursive=True):
+        try:
+            total += sum(child.cpu_times()[:2])
+        except psutil.Error:  # exited meanwhile
+            pass
+    return total
+
+
 def _measure(batches, warmup: int, seconds: float, batch: int, what: str = "measuring") -> dict:
+    """Clips per second of wall time and per CPU-second of the whole process tree (rank + workers), after warm-up."""
     from tqdm import tqdm
 
     it = iter(batches)
     for _ in tqdm(range(warmup), desc=f"{what}: warm-up", unit="batch", leave=False):
         next(it)
-    n, t0 = 0, time.perf_counter()
+    n, cpu0, t0 = 0, _tree_cpu_seconds(), time.perf_counter()
     with tqdm(total=round(seconds), desc=what, unit="s", leave=False,
               bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s {postfix}") as bar:
         while (now := time.perf_counter() - t0) < seconds:
@@ -144,10 +164,22 @@ def _measure(batches, warmup: int, seconds: float, batch: int, what: str = "meas
             n += batch
             bar.update(min(now, seconds) - bar.n)
             bar.set_postfix_str(f"{n / max(now, 1e-9):.1f} clips/s", refresh=False)
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, _tree_cpu_seconds() - cpu0
     if hasattr(it, "close"):
         it.close()
-    return {"clips": n, "seconds": round(dt, 2), "clips_per_s": round(n / dt, 2)}
+    return {"clips": n, "seconds": round(dt, 2), "cpu_seconds": round(cpu, 2), "clips_per_s": round(n / dt, 2),
+            "clips_per_cpu_s": round(n / max(cpu, 1e-9), 2)}
+
+
+# What one GPU consumes: training FLOPs per clip of MAE pretraining (forward + backward, decoder included, 16x224²,
+# 90 % tube mask; counted by torch's FLOP counter in the H200 run of docs/BENCHMARKS.md) and an H100's dense bf16 peak.
+MAE_FLOPS_PER_CLIP = {"ViT-B": 217.0e9, "ViT-L": 433.4e9}
+H100_BF16_FLOPS, MFU = 989e12, 0.40
+
+
+def cores_per_gpu(clips_per_cpu_s: float) -> dict[str, float]:
+    """CPU cores (at this pipeline's clips per CPU-second) that feed one H100 training MAE at 40 % MFU."""
+    return {m: round(MFU * H100_BF16_FLOPS / f / clips_per_cpu_s, 1) for m, f in MAE_FLOPS_PER_CLIP.items()}
 
 
 def bench_data(args) -> dict:
@@ -160,7 +192,7 @@ def bench_data(args) -> dict:
     root = Path(args.workdir or tempfile.mkdtemp(prefix="vssl-bench-"))
     shards = root / "shards"
     if not (shards / "manifest.json").exists():
-        csv = write_demo_source(root / "source", generated=args.clips, segment=4.0, size=args.short_side,
+        csv = write_demo_source(root / "source", generated=args.clips, segment=args.segment, size=args.short_side,
                                 frames=100)
         make_shards([str(csv), str(shards), "--short-side", str(args.short_side), "--shard-size", "8MB",
                      "--workers", str(max(1, (os.cpu_count() or 2) - 1))])
@@ -175,29 +207,43 @@ def bench_data(args) -> dict:
     paths = sorted(str(p) for p in files.glob("*.mp4"))
 
     torch.set_num_threads(1)
-    d = DataConfig(train=str(shards / "manifest.json"), batch_size=args.batch, num_frames=args.frames,
-                   sampling_rate=args.stride, size=args.size, num_workers=args.workers, shuffle_buffer=16,
-                   resampled=True, epoch_size=10 ** 7, pin_memory=False)
     grid = (args.frames // 2, args.size // 16, args.size // 16)
-    ours, _ = stream(d, d.train, view_from(d), d.batch_size, mask_fn("tube", grid, 0.9), 0, 1, 0)
+    decoders = args.decoders.split(",")
+    rows = [(decoders[0], int(r)) for r in args.repeats.split(",")] + [(dec, 1) for dec in decoders[1:]]
+    print(f"{len(paths)} clips (short side {args.short_side}); {args.workers} worker(s) each; output "
+          f"{args.frames}x{args.size}² stride {args.stride}; {args.seconds:.0f} s per pipeline", flush=True)
+    result = {}
+    for decoder, repeats in rows:
+        d = DataConfig(train=str(shards / "manifest.json"), batch_size=args.batch, num_frames=args.frames,
+                       sampling_rate=args.stride, size=args.size, num_workers=args.workers, shuffle_buffer=16,
+                       resampled=True, epoch_size=10 ** 7, pin_memory=False, decoder=decoder, repeats=repeats)
+        ours, _ = stream(d, d.train, view_from(d), d.batch_size, mask_fn("tube", grid, 0.9), 0, 1, 0)
+        name = f"vssl_ds/{decoder}/R={repeats}"
+        result[name] = {"decoder": decoder, "repeats": repeats,
+                        **_measure(ours, args.warmup, args.seconds, args.batch, f"vssl_ds {decoder} R={repeats}")}
+        print(f"  vssl_ds {decoder:7s} R={repeats}      {result[name]['clips_per_s']:8.2f} clips/s "
+              f"{result[name]['clips_per_cpu_s']:8.2f} per CPU-second", flush=True)
     base = torch.utils.data.DataLoader(VideoMAEStyle(paths, args.frames, args.stride, args.size),
                                        batch_size=args.batch, num_workers=args.workers, shuffle=False,
                                        persistent_workers=False, prefetch_factor=2 if args.workers else None)
-    print(f"{len(paths)} clips (short side {args.short_side}); {args.workers} worker(s) each; output "
-          f"{args.frames}x{args.size}² stride {args.stride}; {args.seconds:.0f} s per pipeline", flush=True)
-    result = {"vssl_ds": _measure(ours, args.warmup, args.seconds, args.batch, "vssl_ds pipeline")}
-    print(f"  vssl_ds pipeline      {result['vssl_ds']['clips_per_s']:8.2f} clips/s", flush=True)
     result["videomae_style"] = _measure(base, args.warmup, args.seconds, args.batch, "VideoMAE-style loader")
-    print(f"  VideoMAE-style loader {result['videomae_style']['clips_per_s']:8.2f} clips/s", flush=True)
-    workers = max(args.workers, 1)
-    for k in ("vssl_ds", "videomae_style"):
-        result[k]["clips_per_s_per_core"] = round(result[k]["clips_per_s"] / workers, 2)
-    result["ratio"] = round(result["vssl_ds"]["clips_per_s"] / result["videomae_style"]["clips_per_s"], 2)
+    b = result["videomae_style"]
+    print(f"  VideoMAE-style loader {b['clips_per_s']:8.2f} clips/s {b['clips_per_cpu_s']:8.2f} per CPU-second",
+          flush=True)
+    first = f"vssl_ds/{decoders[0]}/R={rows[0][1]}"
+    result["vssl_ds"] = result[first]  # the headline row: the default decoder, the first repeats value
+    result["ratio"] = round(result[first]["clips_per_s"] / b["clips_per_s"], 2)
+    result["ratio_per_cpu_s"] = round(result[first]["clips_per_cpu_s"] / b["clips_per_cpu_s"], 2)
+    print(f"  {first} / baseline: {result['ratio']}x clips/s, {result['ratio_per_cpu_s']}x per CPU-second", flush=True)
+    result["cores_per_gpu"] = {}
+    for name, row in result.items():
+        if name != "vssl_ds" and isinstance(row, dict) and row.get("clips_per_cpu_s"):
+            result["cores_per_gpu"][name] = cores_per_gpu(row["clips_per_cpu_s"])
+            print(f"  cores to feed one H100 at 40 % MFU ({name}): " + ", ".join(
+                f"{m} {c}" for m, c in result["cores_per_gpu"][name].items()), flush=True)
     result["setup"] = {"workers": args.workers, "frames": args.frames, "stride": args.stride, "size": args.size,
                        "short_side": args.short_side, "clips": len(paths), "cpu": platform.processor() or
                        platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__}
-    print(f"  per core: {result['vssl_ds']['clips_per_s_per_core']} vs "
-          f"{result['videomae_style']['clips_per_s_per_core']} clips/s; ratio vssl_ds / baseline = {result['ratio']}x")
     result["decoders"] = decoder_ceilings(paths, args.frames, args.stride, max(args.seconds / 3, 2.0))
     return result
 
@@ -225,7 +271,9 @@ def decoder_ceilings(paths: list[str], frames: int, stride: int, seconds: float)
             container.streams.video[0].codec_context.thread_count = 1
             return dec._pyav_sequential(container, pick)
 
-    runs = {"decord": dec.decode_decord, "pyav": dec.decode_pyav, "pyav_from_start": sequential}
+    stats: dict = {}
+    runs = {"decord": dec.decode_decord, "pyav": lambda data, pick: dec.decode_pyav(data, pick, stats),
+            "pyav_from_start": sequential, "torchcodec": dec.decode_torchcodec}
     out = {}
     print(f"decoders alone ({frames} frames at stride {stride}, {len(datas)} clips, frames per CPU-second):", flush=True)
     for name, fn in runs.items():
@@ -235,6 +283,7 @@ def decoder_ceilings(paths: list[str], frames: int, stride: int, seconds: float)
             out[name] = {"error": str(e)[:200]}
             continue
         k, delivered, t0 = 0, 0, time.process_time()
+        stats.clear()
         while time.process_time() - t0 < seconds:
             try:
                 delivered += len(fn(datas[k % len(datas)], pick_at(k))[0])
@@ -243,7 +292,11 @@ def decoder_ceilings(paths: list[str], frames: int, stride: int, seconds: float)
             k += 1
         cpu = time.process_time() - t0
         out[name] = {"frames_per_cpu_s": round(delivered / cpu, 1), "clips": k}
-        print(f"  {name:16s} {out[name]['frames_per_cpu_s']:8.1f}", flush=True)
+        if name == "pyav" and delivered:  # what seeking costs: frames decoded (keyframe → target) per frame used
+            out[name]["decoded_per_delivered"] = round(stats.get("decoded", 0) / delivered, 2)
+        print(f"  {name:16s} {out[name]['frames_per_cpu_s']:8.1f}" + (
+            f"  ({out[name]['decoded_per_delivered']} frames decoded per frame delivered)"
+            if "decoded_per_delivered" in out[name] else ""), flush=True)
     if "frames_per_cpu_s" in out.get("pyav", {}) and "frames_per_cpu_s" in out.get("decord", {}):
         out["pyav_over_decord"] = round(out["pyav"]["frames_per_cpu_s"] / out["decord"]["frames_per_cpu_s"], 2)
         print(f"  pyav (keyframe seeking) / decord per core = {out['pyav_over_decord']}x", flush=True)
