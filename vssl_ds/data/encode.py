@@ -27,6 +27,8 @@ class EncodeOptions:
     gop: int = 16  # keyframe interval: short → cheap random access for the samplers
     crf: int = 23
     preset: str = "veryfast"
+    bframes: int = -1  # B-frames between references; -1 = the preset's (veryfast: 3); 0 = none (decodes in order)
+    tune: str = ""  # x264 --tune, e.g. "fastdecode" (no CABAC, no deblocking, no weighted prediction)
     jpeg_quality: int = 90
 
 
@@ -35,6 +37,15 @@ def _even_size(h: int, w: int, short_side: int) -> tuple[int, int]:
         scale = short_side / min(h, w)
         h, w = round(h * scale), round(w * scale)
     return h - h % 2, w - w % 2  # yuv420p needs even sides
+
+
+def x264_options(opt: EncodeOptions) -> dict[str, str]:
+    options = {"crf": str(opt.crf), "g": str(opt.gop), "preset": opt.preset}
+    if opt.bframes >= 0:
+        options["bf"] = str(opt.bframes)
+    if opt.tune:
+        options["tune"] = opt.tune
+    return options
 
 
 def reencode_video(item: Item, opt: EncodeOptions) -> tuple[bytes, dict]:
@@ -70,7 +81,7 @@ def reencode_video(item: Item, opt: EncodeOptions) -> tuple[bytes, dict]:
                         out = dst.add_stream("libx264", rate=out_rate)
                         out.height, out.width = size
                         out.pix_fmt = "yuv420p"
-                        out.options = {"crf": str(opt.crf), "g": str(opt.gop), "preset": opt.preset}
+                        out.options = x264_options(opt)
                     img = frame.reformat(width=size[1], height=size[0], format="yuv420p")
                     img.pts, img.time_base = count, 1 / out_rate  # frame counter: monotonic timestamps for the muxer
                     dst.mux(out.encode(img))

@@ -39,6 +39,7 @@ def init_distributed(cfg: Config) -> torch.device:
         _skip_cpu_shm_allreduce()
     deepspeed.init_distributed(dist_backend=dist.resolve_backend(cfg.engine.backend, device),
                                auto_mpi_discovery=False, verbose=False)
+    dist.init_control_group()
     log.debug("launch: %s, device %s", kind, device)
     return device
 

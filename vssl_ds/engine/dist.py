@@ -65,17 +65,42 @@ def shutdown() -> None:
     """The end of every multi-rank entry point: wait for all ranks, then tear the process group down
     explicitly. A rank that just exits while a peer still talks to it, or leaves gloo's threads to the
     interpreter's teardown, can die with `terminate called without an active exception` (SIGABRT)."""
+    global _control
     if dist.is_initialized():
         barrier()
         dist.destroy_process_group()
+    _control = None
+
+
+_control = None  # a gloo group for the loop's flags, when the training backend is not gloo (see any_true)
+
+
+def init_control_group() -> None:
+    """Collective (every rank calls it once, after the process group is up): under NCCL, a gloo group of the same
+    ranks for the loop's small host-side flags."""
+    global _control
+    if dist.is_initialized() and world() > 1 and dist.get_backend() != "gloo" and _control is None:
+        _control = dist.new_group(backend="gloo")
 
 
 def any_true(flags: list[bool], device: torch.device) -> list[bool]:
-    """Element-wise OR of boolean flags across ranks, in one small all-reduce."""
-    t = torch.tensor([float(f) for f in flags], device=device)
+    """Element-wise OR of host-side boolean flags across ranks, in one small all-reduce. Over gloo (the default
+    group on CPU, the control group under NCCL) the flags never touch the device, so reading the result does not
+    wait for the work the device has queued (an NCCL all-reduce read back with .tolist() would drain the queue)."""
+    host = not dist.is_initialized() or dist.get_backend() == "gloo" or _control is not None
+    t = torch.tensor([float(f) for f in flags], device="cpu" if host else device)
     if dist.is_initialized() and world() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_control if host else None)
     return [bool(x) for x in t.tolist()]
+
+
+def finite_everywhere(value: torch.Tensor) -> torch.Tensor:
+    """A 0-d bool tensor on value's device: True when `value` is finite on every rank (a MIN all-reduce on the
+    device; nothing is read back here)."""
+    ok = torch.isfinite(value.detach()).all().to(torch.float32).reshape(1)
+    if dist.is_initialized() and world() > 1:
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return ok[0] > 0
 
 
 def all_gather_object(obj) -> list:

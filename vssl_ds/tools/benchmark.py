@@ -4,6 +4,7 @@
     vssl-benchmark attention [--tokens 1568 --heads 12 --head-dim 64 --batch 8] [--backends math,sdpa,xformers]
     vssl-benchmark model [--models vit_base_video,vit_large_video] [--mask-ratio 0.9] [--grad-ckpt]
     vssl-benchmark cache [--student vit_small_video --image-teacher vit2d_base_patch16 --video-teacher vit_base_video]
+    vssl-benchmark shards [--settings default,gop32,bframes0,fastdecode,short256,fps15]   (make_shards options)
     vssl-benchmark monitor [--recipes videomae_vit_b,lstcl_mocov3_vit_b] [--ranks 1,8,64]   (health monitor's share of compute)
     vssl-benchmark temporal [--methods mae,vicmae,mvd,iboot,lstcl,bevt] [--steps 300]   (see temporal.py)
     vssl-benchmark gpu [--cpu] [--parts env,attention,mae,zero3,mvd,data,e2e] [--budget 480]   (see gpu_bench.py)
@@ -81,6 +82,18 @@ def parse_args(argv=None):
     cp.add_argument("--batch", type=int, default=8)
     cp.add_argument("--iters", type=int, default=30)
     cp.add_argument("--json", default="")
+    sh = sub.add_parser("shards", help="make_shards encoding options: bytes on disk and decode cost per CPU-second, "
+                                       "each option against the default, on the same source clips")
+    sh.add_argument("--settings", default="default,gop32,bframes0,fastdecode,bframes0+fastdecode,short256,fps15",
+                    help="comma list of: " + ", ".join(SHARD_SETTINGS))
+    sh.add_argument("--seconds", type=float, default=6.0, help="decode time per decoder and setting")
+    sh.add_argument("--frames", type=int, default=16)
+    sh.add_argument("--stride", type=int, default=4)
+    sh.add_argument("--clips", type=int, default=8, help="generated clips added to the real footage")
+    sh.add_argument("--segment", type=float, default=4.0)
+    sh.add_argument("--decoders", default="decord,pyav")
+    sh.add_argument("--workdir", default="")
+    sh.add_argument("--json", default="")
     h = sub.add_parser("monitor", help="the health monitor's share of the training compute (FLOPs counted on the "
                                        "CPU) at each recipe's settings, per number of ranks")
     h.add_argument("--recipes", default="videomae_vit_b,lstcl_mocov3_vit_b")
@@ -248,7 +261,64 @@ def bench_data(args) -> dict:
     return result
 
 
-def decoder_ceilings(paths: list[str], frames: int, stride: int, seconds: float) -> dict:
+# make_shards options measured by `shards` (each beside the default: --short-side 320 --gop 16, preset veryfast)
+SHARD_SETTINGS = {"default": [], "gop8": ["--gop", "8"], "gop32": ["--gop", "32"], "bframes0": ["--bframes", "0"],
+                  "fastdecode": ["--tune", "fastdecode"], "bframes0+fastdecode": ["--bframes", "0", "--tune", "fastdecode"],
+                  "short256": ["--short-side", "256"], "fps15": ["--fps", "15"],
+                  "short256+bframes0+fastdecode": ["--short-side", "256", "--bframes", "0", "--tune", "fastdecode"]}
+
+
+def bench_shards(args) -> dict:
+    """Each make_shards setting on the same source: bytes per second of video, and each decoder's delivered frames
+    per CPU-second with the pipeline's frame picks (`frames` at `stride` from a random start)."""
+    import webdataset as wds
+
+    from ..data.synthetic import write_demo_source
+    from .make_shards import main as make_shards
+
+    root = Path(args.workdir or tempfile.mkdtemp(prefix="vssl-bench-shards-"))
+    csv = root / "source" / "clips.csv"
+    if not csv.exists():
+        csv = write_demo_source(root / "source", generated=args.clips, segment=args.segment, size=320, frames=100)
+    unknown = [n for n in args.settings.split(",") if n not in SHARD_SETTINGS]
+    if unknown:
+        raise SystemExit(f"error: --settings {unknown} not among {sorted(SHARD_SETTINGS)}")
+    out = {"setup": {"frames": args.frames, "stride": args.stride, "cpu": platform.processor() or platform.machine(),
+                     "cores": os.cpu_count(), "decoders": args.decoders}}
+    for name in args.settings.split(","):
+        shards = root / name
+        if not (shards / "manifest.json").exists():
+            make_shards([str(csv), str(shards), "--shard-size", "64MB", "--workers",
+                         str(max(1, (os.cpu_count() or 2) - 1)), *SHARD_SETTINGS[name]])
+        manifest = json.loads((shards / "manifest.json").read_text())
+        files, seconds = root / f"{name}-files", 0.0
+        files.mkdir(exist_ok=True)
+        for s in manifest["shards"]:
+            for sample in wds.WebDataset(str(shards / s["url"]), shardshuffle=False):
+                (files / f"{sample['__key__']}.mp4").write_bytes(sample["mp4"])
+                seconds += json.loads(sample["json"]).get("duration", 0.0)
+        paths = sorted(str(p) for p in files.glob("*.mp4"))
+        size = sum(Path(p).stat().st_size for p in paths)
+        print(f"{name}: {len(paths)} clips, {size / 1e6:.2f} MB, {seconds:.0f} s of video", flush=True)
+        row = {"options": SHARD_SETTINGS[name], "clips": len(paths), "bytes": size, "video_seconds": round(seconds, 1),
+               "kbit_per_s": round(8 * size / max(seconds, 1e-9) / 1000, 1),
+               "decoders": decoder_ceilings(paths, args.frames, args.stride, args.seconds, args.decoders.split(","))}
+        out[name] = row
+    base = out.get("default")
+    print(f"\n{'setting':30s} {'kbit/s':>8s} " + " ".join(f"{d + ' fr/CPU-s':>18s}" for d in args.decoders.split(",")))
+    for name in args.settings.split(","):
+        row = out[name]
+        cells = []
+        for d in args.decoders.split(","):
+            v = row["decoders"].get(d, {}).get("frames_per_cpu_s")
+            rel = f" ({v / base['decoders'][d]['frames_per_cpu_s']:.2f}x)" if base and v and base is not row else ""
+            cells.append(f"{v if v is not None else '-':>10}{rel:8s}")
+        disk = f" ({row['bytes'] / base['bytes']:.2f}x disk)" if base and base is not row else ""
+        print(f"{name:30s} {row['kbit_per_s']:8.1f} " + " ".join(cells) + disk, flush=True)
+    return out
+
+
+def decoder_ceilings(paths: list[str], frames: int, stride: int, seconds: float, which=None) -> dict:
     """Each decoder alone, in this process, on the same clips and the same frame picks (one clip of `frames` at
     `stride` from a random start): delivered frames per CPU-second (process time: the cost per core)."""
     from ..data import decode as dec
@@ -274,6 +344,7 @@ def decoder_ceilings(paths: list[str], frames: int, stride: int, seconds: float)
     stats: dict = {}
     runs = {"decord": dec.decode_decord, "pyav": lambda data, pick: dec.decode_pyav(data, pick, stats),
             "pyav_from_start": sequential, "torchcodec": dec.decode_torchcodec}
+    runs = {k: v for k, v in runs.items() if which is None or k in which}
     out = {}
     print(f"decoders alone ({frames} frames at stride {stride}, {len(datas)} clips, frames per CPU-second):", flush=True)
     for name, fn in runs.items():
@@ -582,6 +653,7 @@ def main(argv=None) -> int:
 
     result = {"data": bench_data, "attention": bench_attention, "model": bench_model,
               "cache": bench_cache, "temporal": bench_temporal, "gpu": bench_gpu, "monitor": bench_monitor,
+              "shards": bench_shards,
               "copies": bench_copies}[args.what](args)
     if getattr(args, "json", ""):
         Path(args.json).write_text(json.dumps(result, indent=1))

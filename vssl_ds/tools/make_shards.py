@@ -63,6 +63,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gop", type=int, default=16, help="keyframe interval in frames (random access cost)")
     p.add_argument("--crf", type=int, default=23, help="x264 quality (lower = better, bigger)")
     p.add_argument("--preset", default="veryfast", help="x264 preset")
+    p.add_argument("--bframes", type=int, default=-1, help="B-frames between reference frames (-1: the preset's; "
+                   "0: none, every frame decodes in display order)")
+    p.add_argument("--tune", default="", choices=["", "fastdecode", "film", "animation", "grain", "stillimage"],
+                   help="x264 tune; fastdecode drops CABAC and the deblocking filter: cheaper to decode, bigger files "
+                        "(see docs/BENCHMARKS.md for measured costs)")
     p.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality of image samples")
     p.add_argument("--workers", type=int, default=max(1, (mp.cpu_count() or 2) - 1),
                    help="encoding processes (default: all cores but one)")
@@ -112,7 +117,11 @@ class ShardWriter:
 
 
 def fingerprint(items: list[Item], kind: str, opt: EncodeOptions, args) -> str:
-    h = hashlib.sha256(json.dumps([kind, asdict(opt), args.prefix, args.shard_size, args.max_per_shard,
+    options = asdict(opt)
+    for name, default in (("bframes", -1), ("tune", "")):  # options added later: at their defaults they leave
+        if options[name] == default:  # the fingerprint of a folder begun before them unchanged (it still resumes)
+            del options[name]
+    h = hashlib.sha256(json.dumps([kind, options, args.prefix, args.shard_size, args.max_per_shard,
                                    [(i.path, i.label, i.start, i.end) for i in items]]).encode())
     return h.hexdigest()[:16]
 
@@ -196,7 +205,8 @@ def main(argv=None) -> int:
         print("error: the CSV has start/end columns but --copy cannot trim; drop --copy to re-encode", file=sys.stderr)
         return 2
     opt = EncodeOptions(copy=args.copy, short_side=args.short_side, fps=args.fps, max_duration=args.max_duration,
-                        gop=args.gop, crf=args.crf, preset=args.preset, jpeg_quality=args.jpeg_quality)
+                        gop=args.gop, crf=args.crf, preset=args.preset, bframes=args.bframes, tune=args.tune,
+                        jpeg_quality=args.jpeg_quality)
     out.mkdir(parents=True, exist_ok=True)
     fp = fingerprint(items, kind, opt, args)
     done = load_progress(out, fp)
