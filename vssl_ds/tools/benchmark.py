@@ -465,7 +465,6 @@ def bench_cache(args) -> dict:
     """The same MVD student step, once reading targets from the batch (cache) and once running both teachers."""
     from ..config.loader import load_config
     from ..data.batch import Batch
-    from ..data.targets import encode_targets
     from ..methods import build_method, mask_fns
     from ..models import create_model
 
