@@ -170,6 +170,7 @@ def write_demo_source(out_dir: str | Path, generated: int = 12, segment: float =
     import av
 
     out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     rows = ["path,label,start,end"]
     for i in range(generated):

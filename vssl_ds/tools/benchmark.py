@@ -46,6 +46,8 @@ def parse_args(argv=None):
     d.add_argument("--size", type=int, default=224)
     d.add_argument("--short-side", type=int, default=320, help="short side the clips are re-encoded to")
     d.add_argument("--clips", type=int, default=24, help="generated clips added to the real ones (0: real footage only)")
+    d.add_argument("--encode", default="", help="extra make_shards options for the clips, e.g. \"--bframes 0 --tune "
+                   "fastdecode\" (both pipelines read the same re-encoded clips)")
     d.add_argument("--segment", type=float, default=4.0, help="seconds per piece the real footage is cut into")
     d.add_argument("--repeats", default="1", help="data.repeats values measured for vssl_ds (e.g. 1,2,4: clips "
                    "re-cropped and re-masked from one decode, as VideoMAE V2 does)")
@@ -208,7 +210,7 @@ def bench_data(args) -> dict:
         csv = write_demo_source(root / "source", generated=args.clips, segment=args.segment, size=args.short_side,
                                 frames=100)
         make_shards([str(csv), str(shards), "--short-side", str(args.short_side), "--shard-size", "8MB",
-                     "--workers", str(max(1, (os.cpu_count() or 2) - 1))])
+                     "--workers", str(max(1, (os.cpu_count() or 2) - 1)), *args.encode.split()])
     files = root / "files"  # the same encoded clips as loose files, for the per-file baseline
     if not files.exists():
         import webdataset as wds
@@ -255,7 +257,7 @@ def bench_data(args) -> dict:
             print(f"  cores to feed one H100 at 40 % MFU ({name}): " + ", ".join(
                 f"{m} {c}" for m, c in result["cores_per_gpu"][name].items()), flush=True)
     result["setup"] = {"workers": args.workers, "frames": args.frames, "stride": args.stride, "size": args.size,
-                       "short_side": args.short_side, "clips": len(paths), "cpu": platform.processor() or
+                       "encode": args.encode, "short_side": args.short_side, "clips": len(paths), "cpu": platform.processor() or
                        platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__}
     result["decoders"] = decoder_ceilings(paths, args.frames, args.stride, max(args.seconds / 3, 2.0))
     return result
