@@ -77,6 +77,7 @@ def test_gpu_check_runs_every_part_at_toy_size_on_cpu(tmp_path):
     assert compiled["clips_per_s"] > 0 and compiled["batch"] == r["mae"]["vit_micro_video/sdpa/ckpt=off/compile=off"]["batch"]
     assert r["zero3"]["zero0"]["clips_per_s"] > 0 and r["zero3"]["zero3"]["clips_per_s"] > 0
     assert r["mvd"]["speedup"] > 0 and all(r["data"][f"workers={w}"]["clips"] > 0 for w in (1, 2))
+    assert r["data"]["workers=1,decode_device=cuda"]["clips"] > 0  # the device-decode path (CPU fallback here)
     e2e = r["e2e"]
     assert e2e["ok"] and e2e["resumed_from"] == "step 4" and e2e["final_step"] == 8 and e2e["latest"] == "step00000008"
     md = (tmp_path / "gpu.md").read_text()

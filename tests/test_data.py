@@ -5,6 +5,7 @@ from itertools import islice
 
 import numpy as np
 import pytest
+import torch
 import webdataset as wds
 
 from vssl_ds.config.schema import DataConfig
@@ -172,3 +173,52 @@ def test_image_epoch_ending_with_a_video_epoch_goes_on(shards, image_shards):
     assert len(list(loader)) == 16
     again = list(loader)
     assert len(again) == 16 and all(b.image.shape[0] == 5 for b in again)
+
+
+@pytest.mark.parametrize("view,extra", [("clip", {"repeats": 2}), ("long_short", {"long_stride": 3})])
+def test_device_decode_draws_and_transforms_like_the_cpu_path(shards, view, extra):
+    """data.decode_device: the workers ship the encoded video and its plan, drawn from (seed, epoch, key) in the CPU
+    path's order; decoded and transformed "on the device" (here the CPU: the torchcodec decoder is replaced by
+    decord / PyAV, as its fallback does), the batches equal the CPU path's bit for bit, masks and keys included."""
+    from vssl_ds.data.device_decode import decode_batch
+
+    d = _data(shards, batch_size=4 if view == "clip" else 2, **extra)
+    grid = (4, 4, 4)
+    cpu, _ = stream(d, d.train, view_from(d, view), d.batch_size, mask_fn("tube", grid, 0.9), 0, 1, 0)
+    dev, _ = stream(d, d.train, view_from(d, view), d.batch_size, mask_fn("tube", grid, 0.9), 0, 1, 0,
+                    decode_device="cuda")
+    seen = 0
+    for a, b in zip(cpu, dev):
+        assert b.video is None and len(b.encoded) == b.size == a.size and b.keys == a.keys
+        assert all(isinstance(data, bytes) for data, _ in b.encoded)
+        assert torch.equal(a.mask, b.mask) and torch.equal(a.label, b.label)
+        frames = lambda data, idx, device: torch.from_numpy(decode(data, lambda n: idx)[1]).to(device)  # noqa: E731
+        clips = decode_batch(b.encoded, "cpu", decode_frames=frames)
+        assert torch.equal(clips["video"], a.video)
+        for name, x in a.views.items():
+            assert torch.equal(clips[name], x)
+        fallback = b.decoded("cpu")  # torchcodec is not installed here: every clip goes the CPU fallback way
+        assert torch.equal(fallback.video, a.video) and fallback.views.keys() == a.views.keys()
+        seen += 1
+    assert seen == 32 // d.batch_size * (2 if view == "clip" else 1)  # repeats: two clips per video
+
+
+def test_device_decode_names_the_sample_it_cannot_read():
+    from vssl_ds.data.device_decode import decode_batch
+
+    plan = {"key": "clip007", "frames": np.arange(4), "clips": {"video": [0, 1, 2, 3]},
+            "spatial": {"video": {"box": [0, 0, 8, 8], "size": [8, 8]}}}
+    with pytest.raises(DecodeError, match="clip007"):
+        decode_batch([(b"not a video", plan)], "cpu")
+
+
+def test_device_decode_is_refused_without_a_gpu(shards, tmp_path):
+    from vssl_ds.config.errors import ConfigError
+    from vssl_ds.config.loader import load_config
+    from vssl_ds.config.validate import check_environment
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    cfg = load_config("tiny_mae", [f"data.train={shards}", "data.decode_device=cuda", f"run.out_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="data.decode_device: is cuda but this machine has no usable CUDA device"):
+        check_environment(cfg)

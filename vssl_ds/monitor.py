@@ -148,7 +148,7 @@ class HealthMonitor:
             return
         have = 0 if self.probe is None else len(self.probe)
         take = slice(0, self.want - have)
-        cat = lambda old, new: new.clone() if old is None else torch.cat([old, new])  # noqa: E731
+        cat = lambda old, new: new.cpu().clone() if old is None else torch.cat([old, new.cpu()])  # noqa: E731
         self.probe = cat(self.probe, video[take])
         if self.pair and views and self.pair in views:
             self.probe_pair = cat(self.probe_pair, views[self.pair][take])

@@ -311,6 +311,7 @@ class Trainer:
 
     def _micro_step(self, batch, window) -> bool:
         """Forward, backward and (at the accumulation boundary) the optimizer step; False if skipped."""
+        batch = batch.decoded(self.device)  # data.decode_device: the videos are decoded here, on the device
         if self.monitor is not None:
             self.monitor.collect(batch.video, batch.views, batch.targets)  # the probe: the first clips trained on
         batch = batch.to(self.device, self.cfg.data.mean, self.cfg.data.std)

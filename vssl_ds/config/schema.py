@@ -50,6 +50,8 @@ class DataConfig:
     shuffle_buffer: int = 256  # samples held per worker for shuffling (raw bytes: ~1 MB per 10 s clip at 320p)
     resampled: bool = False  # draw shards with replacement; the epoch length is epoch_size (or the manifest total)
     decoder: str = "decord"  # decord | pyav | torchcodec (the others serve as fallbacks)
+    decode_device: str = "cpu"  # cpu | cuda: videos decoded by torchcodec on the rank's GPU (NVDEC) and cropped,
+    # resized and masked there; the workers only draw the frames, crops and masks (same as on the CPU path)
     view: str = "clip"  # clip | scale_crop | long_short | frame_pair | finetune | image (BEVT image-only stage; see data/views.py)
     repeats: int = 1  # repeated augmentation: samples drawn per video (batch_size must be a multiple)
     long_stride: int = 8  # long_short: stride of the long clip
@@ -265,6 +267,7 @@ CHOICES = {
     "data.short_video": ("loop", "pad", "skip"),
     "run.wandb_mode": ("", "online", "offline", "disabled"),
     "data.decoder": ("decord", "pyav", "torchcodec"),
+    "data.decode_device": ("cpu", "cuda"),
     "data.view": ("clip", "scale_crop", "long_short", "frame_pair", "finetune", "image"),
     "model.attn_backend": ("auto", "xformers", "sdpa", "math"),
     "model.swin_index": ("official", "window"),

@@ -246,6 +246,16 @@ def check_environment(cfg: Config) -> None:
             _fail("data.targets", f"is empty but method.{md.name}.targets=cache",
                   "give the folder tools/cache_teachers.py wrote, or set the targets to online")
         files.append(("data.targets", cfg.data.targets))
+    if cfg.data.decode_device == "cuda":
+        if not torch.cuda.is_available():
+            _fail("data.decode_device", "is cuda but this machine has no usable CUDA device",
+                  "set data.decode_device=cpu (the default: decoding in the data workers)")
+        try:
+            import torchcodec.decoders  # noqa: F401
+        except (ImportError, OSError, RuntimeError) as e:
+            _fail("data.decode_device", f"is cuda but torchcodec cannot be imported ({str(e).splitlines()[0][:120]})",
+                  "pip install 'vssl_ds[codec]' (torchcodec, built for this torch, needs the FFmpeg libraries), "
+                  "or set data.decode_device=cpu")
     for key, value in files:
         if value and not value.startswith(("timm:", "hf:")) and not Path(value).exists():
             _fail(key, f"{value!r} does not exist", "give the path of a local file (vssl_ds never downloads)")

@@ -19,13 +19,30 @@ class Batch:
     image: torch.Tensor | None = None  # [Bi,C,H,W] the image stream (methods that mix images and videos)
     image_mask: torch.Tensor | None = None  # [Bi,Ni] bool
     targets: dict[str, torch.Tensor] = field(default_factory=dict)  # cached teacher targets, by name
+    encoded: list = field(default_factory=list)  # data.decode_device: [(video bytes, plan)], decoded by .decoded()
 
     @property
     def size(self) -> int:
+        if self.encoded:
+            return len(self.encoded)
         main = self.video if self.video is not None else self.image
         return 0 if main is None else main.shape[0]
 
+    def decoded(self, device) -> "Batch":
+        """The encoded videos decoded on `device` into `video` / `views` (uint8, like a worker's batch); a batch
+        without encoded videos is returned as it is."""
+        if not self.encoded:
+            return self
+        from .device_decode import decode_batch
+
+        clips = decode_batch(self.encoded, device)
+        video = clips.pop("video", None)
+        return Batch(video=video, mask=self.mask, label=self.label, keys=self.keys, views={**self.views, **clips},
+                     image=self.image, image_mask=self.image_mask, targets=self.targets)
+
     def to(self, device, mean, std) -> "Batch":
+        if self.encoded:
+            return self.decoded(device).to(device, mean, std)
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         norm = lambda t: None if t is None else normalize(move(t), mean, std)  # noqa: E731
         return Batch(video=norm(self.video), mask=move(self.mask), label=move(self.label), keys=self.keys,
@@ -37,7 +54,8 @@ class Batch:
         pin = lambda t: None if t is None else t.pin_memory()  # noqa: E731
         return Batch(video=pin(self.video), mask=pin(self.mask), label=pin(self.label), keys=self.keys,
                      views={k: pin(v) for k, v in self.views.items()}, image=pin(self.image),
-                     image_mask=pin(self.image_mask), targets={k: pin(v) for k, v in self.targets.items()})
+                     image_mask=pin(self.image_mask), targets={k: pin(v) for k, v in self.targets.items()},
+                     encoded=self.encoded)
 
     @classmethod
     def from_worker(cls, item: dict) -> "Batch":
@@ -45,7 +63,8 @@ class Batch:
             return cls(image=item["image"], image_mask=item.get("mask"), label=item.get("label"),
                        keys=item.get("keys", []), targets=item.get("targets", {}))
         return cls(video=item.get("video"), mask=item.get("mask"), label=item.get("label"),
-                   keys=item.get("keys", []), views=item.get("views", {}), targets=item.get("targets", {}))
+                   keys=item.get("keys", []), views=item.get("views", {}), targets=item.get("targets", {}),
+                   encoded=item.get("encoded", []))
 
     def with_images(self, images: "Batch") -> "Batch":
         """This video batch joined with a batch of the image stream (BEVT: both streams every step)."""

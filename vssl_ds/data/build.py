@@ -24,8 +24,9 @@ def view_from(d: DataConfig, kind: str | None = None) -> View:
 
 
 def stream(d: DataConfig, spec: str, view: View, batch_size: int, mask_fn, rank: int, world: int,
-           seed: int, cache_targets=(), cache_sub: str = "") -> tuple[OrderedLoader, int]:
-    """→ (loader, samples per epoch over all ranks)."""
+           seed: int, cache_targets=(), cache_sub: str = "", decode_device: str = "cpu") -> tuple[OrderedLoader, int]:
+    """→ (loader, samples per epoch over all ranks). `decode_device="cuda"`: the batches carry the encoded videos and
+    what to make of them; Batch.to decodes them on the device (see pipeline.ShardStream)."""
     shards, missing = present_shards(resolve_shards(spec), spec)
     if missing and rank == 0:  # logged once per run (not once per worker and epoch), counted in data/faults
         log.warning("%d of %d shards listed by '%s' are missing and are left out: %s", len(missing),
@@ -43,7 +44,7 @@ def stream(d: DataConfig, spec: str, view: View, batch_size: int, mask_fn, rank:
             raise DataError("cached teacher targets need data.targets (the folder tools/cache_teachers.py wrote)")
         cache = str((Path(d.targets).parent if d.targets.endswith(".json") else Path(d.targets)) / cache_sub)
     ds = ShardStream(shards, view, batch_size, mask_fn, rank, world, seed, decoder_order(d.decoder),
-                     d.shuffle_buffer, d.resampled, samples, cache, cache_targets)
+                     d.shuffle_buffer, d.resampled, samples, cache, cache_targets, decode_device)
     loader = OrderedLoader(ds, d.num_workers, d.prefetch, d.pin_memory)
     loader.missing_shards = len(missing)
     return loader, samples
@@ -102,7 +103,8 @@ def build_loader(d: DataConfig, mask_fn, image_mask_fn, rank: int, world: int, s
     """→ (loader, samples per epoch over all ranks)."""
     if not d.train:
         raise DataError("data.train is empty: give a manifest.json, a brace pattern or shard URLs")
-    videos, samples = stream(d, d.train, view_from(d), d.batch_size, mask_fn, rank, world, seed, cache_targets)
+    videos, samples = stream(d, d.train, view_from(d), d.batch_size, mask_fn, rank, world, seed, cache_targets,
+                             decode_device=d.decode_device)
     if d.image_batch_size <= 0:
         return videos, samples
     if not d.images:

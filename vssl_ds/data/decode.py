@@ -4,9 +4,12 @@ torchcodec is used when installed and asked for. All three return the same frame
 from __future__ import annotations
 
 import io
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 Pick = Callable[[int], np.ndarray]  # number of frames in the video → frame indices to decode
 
@@ -122,6 +125,37 @@ def decode_torchcodec(data: bytes, pick: Pick) -> tuple[np.ndarray, np.ndarray]:
     except (RuntimeError, ValueError, IndexError) as e:
         raise DecodeError(f"torchcodec: {str(e).splitlines()[0][:200]}") from None
     return indices, frames
+
+
+def probe_layout(data: bytes) -> tuple[int, int, int]:
+    """(frames, height, width) of a video from its packets, without decoding: what a data worker needs to draw the
+    frames and crops of a clip that the device will decode (data.decode_device). The frame count is the one
+    decode_pyav sees (one packet per frame)."""
+    import av
+
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            stream = container.streams.video[0]
+            frames = sum(1 for p in container.demux(stream) if p.size)
+            height, width = stream.codec_context.height, stream.codec_context.width
+    except (av.error.FFmpegError, IndexError, ValueError) as e:
+        raise DecodeError(f"pyav probe: {e}") from None
+    if not frames or not height or not width:
+        _empty()
+    return frames, height, width
+
+
+def decode_torchcodec_on(data: bytes, indices, device) -> "torch.Tensor":
+    """The frames `indices` of a video, decoded by torchcodec on `device` (NVDEC on a GPU). → [F,H,W,C] uint8 there"""
+    try:
+        from torchcodec.decoders import VideoDecoder
+    except (ImportError, OSError, RuntimeError) as e:
+        raise DecodeError(f"torchcodec unavailable: {str(e).splitlines()[0][:200]}") from None
+    try:
+        decoder = VideoDecoder(data, device=str(device), dimension_order="NHWC", seek_mode="exact")
+        return decoder.get_frames_at(indices=[int(i) for i in indices]).data
+    except (RuntimeError, ValueError, IndexError) as e:
+        raise DecodeError(f"torchcodec on {device}: {str(e).splitlines()[0][:200]}") from None
 
 
 def decode_image(data: bytes, pick: Pick) -> tuple[np.ndarray, np.ndarray]:

@@ -32,7 +32,7 @@ from webdataset.tariterators import tarfile_samples
 
 from ..logging import fault_stream
 from .batch import Batch
-from .decode import DecodeError, decode, decode_image
+from .decode import DecodeError, decode, decode_image, probe_layout
 from .sampling import ShortVideo
 from .shards import Shard, epoch_order, split
 from .sources import IMAGE_EXTS, VIDEO_EXTS
@@ -57,7 +57,8 @@ class ShardStream(IterableDataset):
 
     def __init__(self, shards: list[Shard], view: View, batch_size: int, mask_fn=None, rank: int = 0,
                  world: int = 1, seed: int = 0, decoders=("decord", "pyav"), shuffle_buffer: int = 0,
-                 resampled: bool = False, epoch_samples: int = 0, cache: str = "", cache_targets=()):
+                 resampled: bool = False, epoch_samples: int = 0, cache: str = "", cache_targets=(),
+                 decode_device: str = "cpu"):
         if view.repeats > 1 and batch_size % view.repeats:
             raise ValueError(f"data.batch_size ({batch_size}) must be a multiple of data.repeats ({view.repeats}) "
                              "so that no video's repeats are split across a checkpoint")
@@ -67,6 +68,7 @@ class ShardStream(IterableDataset):
         self.rank, self.world, self.seed, self.decoders = rank, world, seed, tuple(decoders)
         self.shuffle_buffer, self.resampled, self.epoch_samples = shuffle_buffer, resampled, epoch_samples
         self.cache, self.cache_targets = cache, tuple(cache_targets)  # teacher-target shards, joined by key
+        self.decode_device = decode_device  # not "cpu": ship encoded videos and their plan (see device_decode.py)
         self.epoch, self.start, self.base = 0, {}, None
         self.shard_index = {s.url: i for i, s in enumerate(shards)}
 
@@ -166,17 +168,24 @@ class ShardStream(IterableDataset):
         if self.cache and replay is None:
             return []
 
-        def pick(n: int) -> np.ndarray:  # all clips of all repeats, decoded once
-            if replay is not None:  # the cached view: exactly the frames the teachers saw
+        def pick(n: int) -> np.ndarray:  # all clips of all repeats, decoded once; drawn once (a fallback decoder
+            # asks again after the first failed: the draws, and so the crops and masks after them, do not depend on
+            # which decoder read the clip)
+            if not picks and replay is not None:  # the cached view: exactly the frames the teachers saw
                 picks.extend(np.asarray(f) for f in replay["frames"])
-                if max(int(p.max()) for p in picks) >= n:
-                    raise DecodeError(f"cached view wants frame {max(int(p.max()) for p in picks)} of {n}")
-            else:
+            elif not picks:
                 picks.extend(c for _ in range(self.view.repeats) for c in self.view.pick(n, rng))
+            if max(int(p.max()) for p in picks) >= n:
+                raise DecodeError(f"{'cached view wants' if replay is not None else 'clip drawn for'} frame "
+                                  f"{max(int(p.max()) for p in picks)} of {n}")
             return np.unique(np.concatenate(picks))
 
+        planned = self.decode_device != "cpu" and member not in IMAGE_MEMBERS
         try:
-            if member in IMAGE_MEMBERS:
+            if planned:  # the device decodes: only the frame count and size are read here
+                count, height, width = probe_layout(raw[member])
+                indices, frames, used = pick(count), None, self.decoders[0]
+            elif member in IMAGE_MEMBERS:
                 indices, frames = decode_image(raw[member], pick)
                 used = self.decoders[0]
             else:
@@ -191,15 +200,23 @@ class ShardStream(IterableDataset):
             return []
         if used != self.decoders[0]:
             faults["decoder_fallback"] += 1
-        frames = torch.from_numpy(frames)  # [F,H,W,C] uint8, F = distinct frames of all clips
+        if not planned:
+            frames = torch.from_numpy(frames)  # [F,H,W,C] uint8, F = distinct frames of all clips
+            height, width = frames.shape[1], frames.shape[2]
         where = {int(i): k for k, i in enumerate(indices)}
         label, names, out = _label(raw), self.view.names(), []
         per = len(names)
         for r in range(1 if replay is not None else self.view.repeats):
             clips = picks[r * per:(r + 1) * per]
-            params = replay["spatial"] if replay is not None else self.view.spatial(frames.shape[1], frames.shape[2], rng)
-            sample = {name: apply_view(_gather(frames, [where[int(i)] for i in idx]), p)
-                      for name, idx, p in zip(names, clips, params)}
+            params = replay["spatial"] if replay is not None else self.view.spatial(height, width, rng)
+            if planned:  # the same draws as below, for decode_batch on the device
+                sample = {"encoded": (raw[member], {
+                    "key": key, "frames": np.asarray(indices, dtype=np.int64),
+                    "clips": {name: [where[int(i)] for i in idx] for name, idx in zip(names, clips)},
+                    "spatial": dict(zip(names, params))})}
+            else:
+                sample = {name: apply_view(_gather(frames, [where[int(i)] for i in idx]), p)
+                          for name, idx, p in zip(names, clips, params)}
             if self.mask_fn is not None:
                 sample["mask"] = torch.from_numpy(self.mask_fn(rng))  # fresh every epoch, cached views or not
             if replay is not None:
@@ -290,7 +307,9 @@ def _collate(items, worker: int, pos: int, faults: Counter, taken=()) -> dict:
            "faults": dict(faults), "views": {}, "consumed": list(taken)}
     for name in samples[0]:
         parts = [s[name] for s in samples]
-        if name == "mask":
+        if name == "encoded":
+            out["encoded"] = list(parts)  # [(video bytes, plan)]: decoded on the device (device_decode.py)
+        elif name == "mask":
             out["mask"] = _batched(parts, None)  # [B,N] bool
         elif name.startswith("target:"):
             out.setdefault("targets", {})[name[7:]] = _batched(parts, None)  # [B,N,D]

@@ -99,7 +99,11 @@ def crop_resize(frames: torch.Tensor, box, size) -> torch.Tensor:
     if list(clip.shape[1:3]) == list(size):
         return clip.contiguous()
     x = clip.permute(0, 3, 1, 2)  # [T,C,h,w] uint8, channels-last in memory: torch's fast uint8 kernel
-    x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
+    if x.device.type == "cpu":
+        x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
+    else:  # the uint8 antialiased kernel is the CPU's: on a GPU (data.decode_device) in float, rounded back
+        x = F.interpolate(x.float(), size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
+        x = x.round_().clamp_(0, 255).to(torch.uint8)
     return x.permute(0, 2, 3, 1).contiguous()
 
 

@@ -396,12 +396,20 @@ def part_data(s, device, root: Path) -> dict:
     out = {"setup": {"clips": s["data_clips"], "shards": s["data_shards"], "mode": "resampled shards", "source_px": s["data_src"],
                      "frames": s["frames"], "stride": 4, "size": s["size"], "batch": s["data_batch"],
                      "generate_s": round(time.perf_counter() - t0, 1), "cpus": os.cpu_count()}}
-    for workers in s["data_workers"]:
+    try:
+        import torchcodec.decoders  # noqa: F401
+        codec = "torchcodec on the device"
+    except (ImportError, OSError, RuntimeError) as e:
+        codec = f"CPU fallback (torchcodec: {str(e).splitlines()[0][:80]})"
+    # the CPU-decoding rows, then data.decode_device=cuda (workers only draw the plan; the rank decodes)
+    runs = [(w, "cpu") for w in s["data_workers"]] + [(s["data_workers"][0], "cuda")]
+    for workers, where in runs:
         cfg = load_config("videomae_vit_b", [f"data.train={manifest}", f"data.num_workers={workers}",
                                              f"data.batch_size={s['data_batch']}", f"data.num_frames={s['frames']}",
                                              "data.sampling_rate=4", f"data.size={s['size']}",
                                              "data.resampled=true", "data.epoch_size=1000000",
-                                             f"model.img_size={s['size']}", f"model.num_frames={s['frames']}"])
+                                             f"model.img_size={s['size']}", f"model.num_frames={s['frames']}",
+                                             f"data.decode_device={where}"])
         d = cfg.data
         loader, _ = build_loader(d, *mask_fns(cfg), 0, 1, 0)
         clips, batches, start, warm = 0, 0, None, workers + 1  # skip the first round: workers start together
@@ -421,8 +429,11 @@ def part_data(s, device, root: Path) -> dict:
                 break
             loader.next_epoch()
         seconds = time.perf_counter() - start
-        out[f"workers={workers}"] = {"clips_per_s": round(clips / seconds, 1), "clips": clips, "seconds": round(seconds, 1)}
-        print(f"  data, {workers} workers: {out[f'workers={workers}']}", flush=True)
+        name = f"workers={workers}" + ("" if where == "cpu" else ",decode_device=cuda")
+        out[name] = {"clips_per_s": round(clips / seconds, 1), "clips": clips, "seconds": round(seconds, 1)}
+        if where != "cpu":
+            out[name]["decoder"] = codec
+        print(f"  data, {name}: {out[name]}", flush=True)
     return out
 
 
