@@ -45,11 +45,13 @@ DATASHEET_BF16_TFLOPS = 989.0  # H100/H200 SXM dense bf16, for MFU (vssl_ds.logg
 GPU = dict(attn=(4, 12, 1568, 64), swin=("swin3d_base", 2, 32, 224), mae_models=("vit_base_video", "vit_large_video"),
            frames=16, size=224, probe=8, max_batch=512, iters=5, zero3=("vit_large_video", 32),
            mvd=("vit_base_video", "vit2d_base_patch16", "vit_base_video", 16), data_workers=(8, 16), data_batch=32,
-           data_clips=48, data_shards=16, data_src=288, data_frames=64, data_seconds=15.0, e2e_steps=200)
+           data_clips=48, data_shards=16, data_src=288, data_frames=64, data_seconds=15.0, e2e_steps=200,
+           e2e_workers=4, e2e_ckpts=4, e2e_batch=8)
 CPU = dict(attn=(1, 2, 64, 16), swin=("swin3d_micro", 1, 8, 64), mae_models=("vit_micro_video",),
            frames=8, size=32, probe=2, max_batch=4, iters=2, zero3=("vit_micro_video", 2),
            mvd=("vit_micro_video", "vit2d_micro_patch16", "vit_micro_video", 2), data_workers=(1, 2), data_batch=2,
-           data_clips=8, data_shards=4, data_src=48, data_frames=40, data_seconds=1.5, e2e_steps=8)
+           data_clips=8, data_shards=4, data_src=48, data_frames=40, data_seconds=1.5, e2e_steps=8,
+           e2e_workers=1, e2e_ckpts=2, e2e_batch=2)
 PARTS = ("env", "attention", "mae", "zero3", "mvd", "data", "e2e", "compile")
 
 
@@ -466,11 +468,12 @@ def part_e2e(s, device, root: Path) -> dict:
         write_synthetic_shards(manifest.parent, clips=64, shards=8, frames=24, size=72)
     steps = s["e2e_steps"]
     sets = ["model.name=vit_tiny_video", "model.img_size=64", "model.num_frames=8", "model.patch=8",
-            "data.size=64", "data.num_frames=8", "data.sampling_rate=2", "data.batch_size=8", "data.num_workers=4",
+            "data.size=64", "data.num_frames=8", "data.sampling_rate=2", f"data.batch_size={s['e2e_batch']}",
+            f"data.num_workers={s['e2e_workers']}",
             f"data.train={manifest}", "method.mvd.image_teacher=vit2d_micro_patch16",
             f"method.mvd.image_teacher_weights={work / 'img.pth'}", "method.mvd.video_teacher=vit_tiny_video",
             f"method.mvd.video_teacher_weights={work / 'vid.pth'}", "optim.lr=1e-3", "optim.warmup_steps=10",
-            "run.epochs=0", f"run.max_steps={steps}", f"run.ckpt_every={steps // 4}", f"run.log_every={max(steps // 20, 1)}",
+            "run.epochs=0", f"run.max_steps={steps}", f"run.ckpt_every={steps // s['e2e_ckpts']}", f"run.log_every={max(steps // 20, 1)}",
             f"run.out_dir={work / 'runs'}", "run.name=mvd_e2e"]
     args = [a for kv in sets for a in ("--set", kv)]
     launch = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # this process's own group
