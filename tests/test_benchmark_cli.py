@@ -14,7 +14,15 @@ def test_attention_and_model_benchmarks_report_every_backend(tmp_path):
     assert main(["model", "--models", "vit_micro_video", "--size", "32", "--frames", "4", "--batch", "1",
                  "--iters", "1", "--mask-ratio", "0.5", "--json", str(tmp_path / "m.json")]) == 0
     m = json.loads((tmp_path / "m.json").read_text())
-    assert m["vit_micro_video/sdpa"]["clips_per_s"] > 0
+    assert m["vit_micro_video/sdpa"]["clips_per_s"] > 0 and m["setup"]["what"].startswith("MAE step")
+    assert main(["model", "--models", "vit_micro_video", "--size", "32", "--frames", "4", "--batch", "1", "--iters",
+                 "1", "--mask-ratio", "0.5", "--encoder-only", "--json", str(tmp_path / "e.json")]) == 0
+    e = json.loads((tmp_path / "e.json").read_text())
+    assert e["setup"]["what"] == "encoder"
+    # the decoder (all tokens) and the loss are counted: the whole step costs more than the encoder's visible half
+    encoder = 3 * 2 * __import__("vssl_ds.models.stats", fromlist=["x"]).model_stats(
+        "vit_micro_video", img_size=32, num_frames=4)["gflops"] * 0.5
+    assert m["vit_micro_video/sdpa"]["gflop_per_clip"] > encoder
 
 
 def test_data_benchmark_prints_both_pipelines_and_their_ratio(tmp_path, capsys):

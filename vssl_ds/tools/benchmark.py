@@ -65,7 +65,9 @@ def parse_args(argv=None):
     m.add_argument("--batch", type=int, default=8)
     m.add_argument("--frames", type=int, default=16)
     m.add_argument("--size", type=int, default=224)
-    m.add_argument("--mask-ratio", type=float, default=0.0, help="> 0: encode only the visible tokens (MAE)")
+    m.add_argument("--mask-ratio", type=float, default=0.0, help="> 0: the whole MAE step (VideoMAE recipe): encoder "
+                   "on the visible tokens, decoder on all tokens, loss on the hidden ones")
+    m.add_argument("--encoder-only", action="store_true", help="with --mask-ratio: time the encoder alone")
     m.add_argument("--grad-ckpt", action="store_true")
     c = sub.add_parser("cache", help="MVD student step with cached targets vs online teachers")
     c.add_argument("--student", default="vit_small_video")
@@ -431,7 +433,11 @@ def bench_model(args) -> dict:
 
     device, dtype, backends, info = _setup(args)
     out = {"setup": {**info, "batch": args.batch, "frames": args.frames, "size": args.size,
-                     "mask_ratio": args.mask_ratio, "grad_ckpt": args.grad_ckpt}}
+                     "mask_ratio": args.mask_ratio, "grad_ckpt": args.grad_ckpt,
+                     "what": "MAE step (encoder + decoder + loss)" if args.mask_ratio > 0 and not args.encoder_only
+                     else "encoder"}}
+    if args.mask_ratio > 0 and not args.encoder_only:
+        return _bench_mae_steps(args, device, dtype, backends, out)
     for name in args.models.split(","):
         kw = dict(img_size=args.size, num_frames=args.frames)
         gflops = model_stats(name, **kw)["gflops"]  # full clip, forward, GMACs
@@ -460,6 +466,50 @@ def bench_model(args) -> dict:
             print(f"  {name:18s} {backend:9s} {s * 1000:9.1f} ms/step  {row['clips_per_s']:8.2f} clips/s"
                   + (f"  {row.get('model_tflops', '')} TFLOP/s  peak {row['peak_mem_gib']} GiB" if "peak_mem_gib" in row else ""),
                   flush=True)
+    return out
+
+
+def _bench_mae_steps(args, device, dtype, backends, out: dict) -> dict:
+    """The whole MAE training step of each model (the VideoMAE recipe's decoder for that size), forward + backward;
+    model FLOPs counted once by torch's FLOP counter (3 x the forward, decoder and loss included)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ..config.loader import load_config
+    from ..data.batch import Batch
+    from ..methods import build_method
+
+    for name in args.models.split(","):
+        for backend in backends:
+            recipe = {"vit_large_video": "videomae_vit_l", "vit_huge_video": "videomae_vit_h"}.get(name, "videomae_vit_b")
+            cfg = load_config(recipe, [  # the recipe's decoder for this size (L, H: 12 blocks; S, B: 4)
+                f"model.name={name}", f"model.img_size={args.size}", f"model.num_frames={args.frames}",
+                f"data.size={args.size}", f"data.num_frames={args.frames}", f"model.attn_backend={backend}",
+                f"model.grad_ckpt={str(args.grad_ckpt).lower()}", f"method.mae.mask_ratio={args.mask_ratio}"])
+            torch.manual_seed(0)
+            method = build_method(cfg).to(device).train()
+            n = (args.frames // cfg.model.tubelet) * (args.size // cfg.model.patch) ** 2
+            hidden = torch.rand(args.batch, n, device=device).argsort(1)[:, : int(round(n * args.mask_ratio))]
+            mask = torch.zeros(args.batch, n, dtype=torch.bool, device=device).scatter_(1, hidden, True)
+            batch = Batch(video=torch.randn(args.batch, 3, args.frames, args.size, args.size, device=device), mask=mask)
+            counter = FlopCounterMode(display=False)
+            with counter, torch.no_grad():
+                method(batch)
+            flops = 3 * counter.get_total_flops()  # per step of this batch
+
+            def step():
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                    loss = method(batch).loss
+                loss.float().backward()
+            s = _timed(step, args.iters, device, f"{name} {backend} MAE step")
+            row = {"step_s": round(s, 4), "clips_per_s": round(args.batch / s, 2),
+                   "gflop_per_clip": round(flops / args.batch / 1e9, 1), "achieved_tflops": round(flops / s / 1e12, 3)}
+            if device.type == "cuda":
+                row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
+                torch.cuda.reset_peak_memory_stats()
+            out[f"{name}/{backend}"] = row
+            print(f"  {name:18s} {backend:9s} {s * 1000:9.1f} ms/step  {row['clips_per_s']:8.2f} clips/s  "
+                  f"{row['gflop_per_clip']} GFLOP/clip (encoder + decoder)  {row['achieved_tflops']} TFLOP/s"
+                  + (f"  peak {row['peak_mem_gib']} GiB" if "peak_mem_gib" in row else ""), flush=True)
     return out
 
 
