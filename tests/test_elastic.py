@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, TINY, free_port, launch, overrides
+from conftest import ROOT, TINY, free_port, launch, overrides, thorough
 
 SETS = [*TINY, "run.max_steps=8", "run.log_every=1", "run.record_keys=true"]
 
@@ -40,9 +40,7 @@ def _probe(sets: list[str], ranks: int) -> dict:
     return json.loads(line[6:])
 
 
-THOROUGH = pytest.mark.skipif(os.environ.get("VSSL_TEST_THOROUGH") != "1",
-                              reason="the other direction of each ZeRO stage (same load path, 70 s each): "
-                                     "VSSL_TEST_THOROUGH=1")
+THOROUGH = thorough("the other direction of the same ZeRO stage (the cases above: same universal-checkpoint load)")
 
 
 @pytest.mark.slow
