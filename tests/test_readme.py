@@ -153,6 +153,7 @@ def followed(tmp_path_factory) -> tuple[Path, list[str]]:
                     assert proc.returncode == 0, (f"README.md:{line} failed ({proc.returncode}):\n{script}\n"
                                                   f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
             done.append(f"{line}: ran {unit.split(chr(10))[0][:60]} ({time.monotonic() - t0:.0f} s)")
+            print(done[-1], flush=True)  # with -s: where the README test's minutes go
     return cwd, done
 
 
