@@ -250,10 +250,12 @@ def check_environment(cfg: Config) -> None:
         if not torch.cuda.is_available():
             _fail("data.decode_device", "is cuda but this machine has no usable CUDA device",
                   "set data.decode_device=cpu (the default: decoding in the data workers)")
+        from ..data.decode import DecodeError, torchcodec_decoder
+
         try:
-            import torchcodec.decoders  # noqa: F401
-        except (ImportError, OSError, RuntimeError) as e:
-            _fail("data.decode_device", f"is cuda but torchcodec cannot be imported ({str(e).splitlines()[0][:120]})",
+            torchcodec_decoder()
+        except DecodeError as e:
+            _fail("data.decode_device", f"is cuda but {e}",
                   "pip install 'vssl_ds[codec]' (torchcodec, built for this torch, needs the FFmpeg libraries), "
                   "or set data.decode_device=cpu")
     for key, value in files:

@@ -112,12 +112,19 @@ def _pyav_sequential(container, pick: Pick, stats=None) -> tuple[np.ndarray, np.
     return indices, np.stack([kept[i] for i in indices])
 
 
-def decode_torchcodec(data: bytes, pick: Pick) -> tuple[np.ndarray, np.ndarray]:
-    """torchcodec (optional extra `codec`; needs the system FFmpeg libraries). → (indices [T], frames [T,H,W,C])"""
+def torchcodec_decoder():
+    """torchcodec's VideoDecoder class, or DecodeError saying why it cannot be imported (the wheel loads the system's
+    FFmpeg libraries at import time)."""
     try:
         from torchcodec.decoders import VideoDecoder
-    except (ImportError, OSError, RuntimeError) as e:  # the wheel loads FFmpeg at import time
+    except (ImportError, OSError, RuntimeError) as e:
         raise DecodeError(f"torchcodec unavailable: {str(e).splitlines()[0][:200]}") from None
+    return VideoDecoder
+
+
+def decode_torchcodec(data: bytes, pick: Pick) -> tuple[np.ndarray, np.ndarray]:
+    """torchcodec (optional extra `codec`; needs the system FFmpeg libraries). → (indices [T], frames [T,H,W,C])"""
+    VideoDecoder = torchcodec_decoder()
     try:
         decoder = VideoDecoder(data, dimension_order="NHWC", seek_mode="exact")
         indices = np.asarray(pick(decoder.metadata.num_frames), dtype=np.int64)
@@ -147,10 +154,7 @@ def probe_layout(data: bytes) -> tuple[int, int, int]:
 
 def decode_torchcodec_on(data: bytes, indices, device) -> "torch.Tensor":
     """The frames `indices` of a video, decoded by torchcodec on `device` (NVDEC on a GPU). → [F,H,W,C] uint8 there"""
-    try:
-        from torchcodec.decoders import VideoDecoder
-    except (ImportError, OSError, RuntimeError) as e:
-        raise DecodeError(f"torchcodec unavailable: {str(e).splitlines()[0][:200]}") from None
+    VideoDecoder = torchcodec_decoder()
     try:
         decoder = VideoDecoder(data, device=str(device), dimension_order="NHWC", seek_mode="exact")
         return decoder.get_frames_at(indices=[int(i) for i in indices]).data

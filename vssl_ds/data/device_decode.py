@@ -16,10 +16,11 @@ import numpy as np
 import torch
 
 from .decode import DecodeError, decode, decode_torchcodec_on
+from .pipeline import _gather
 from .transforms import apply_view
 
 log = logging.getLogger(__name__)
-_fallbacks: list[str] = []  # samples this process decoded on the CPU instead (the first is logged as a warning)
+_fallbacks = {"count": 0}  # samples this process decoded on the CPU instead (the first is logged as a warning)
 Frames = Callable[[bytes, np.ndarray, torch.device], torch.Tensor]  # (video, indices, device) → [F,H,W,C] uint8
 
 
@@ -38,8 +39,8 @@ def decode_batch(encoded: list, device, decode_frames: Frames = decode_torchcode
             decoded[ident] = _frames(data, indices, device, decode_frames, fallback, plan["key"])
         frames = decoded[ident]
         for name, rows in plan["clips"].items():
-            clip = frames if rows == list(range(len(frames))) else frames[rows]
-            out.setdefault(name, []).append(apply_view(clip, plan["spatial"][name]).permute(3, 0, 1, 2))
+            clip = apply_view(_gather(frames, rows), plan["spatial"][name])
+            out.setdefault(name, []).append(clip.permute(3, 0, 1, 2))
     return {name: torch.stack(clips) for name, clips in out.items()}
 
 
@@ -53,10 +54,10 @@ def _frames(data: bytes, indices: np.ndarray, device, decode_frames: Frames, fal
             raise DecodeError(f"sample {key}: {first}; CPU fallback: {second}") from None
         if not np.array_equal(got, indices):
             raise DecodeError(f"sample {key}: the CPU fallback decoded other frames") from None
-        (log.debug if _fallbacks else log.warning)(
+        (log.debug if _fallbacks["count"] else log.warning)(
             "sample %s: decoded on the CPU after the device decoder failed (%s)%s", key, first,
-            "" if _fallbacks else "; later fallbacks are logged at debug level")
-        _fallbacks.append(key)
+            "" if _fallbacks["count"] else "; later fallbacks are logged at debug level")
+        _fallbacks["count"] += 1
         frames = torch.from_numpy(frames).to(device)
     if frames.shape[0] != len(indices):
         raise DecodeError(f"sample {key}: {frames.shape[0]} frames decoded for {len(indices)} asked")

@@ -191,12 +191,28 @@ def _measure(batches, warmup: int, seconds: float, batch: int, what: str = "meas
 # What one GPU consumes: training FLOPs per clip of MAE pretraining (forward + backward, decoder included, 16x224²,
 # 90 % tube mask; counted by torch's FLOP counter in the H200 run of docs/BENCHMARKS.md) and an H100's dense bf16 peak.
 MAE_FLOPS_PER_CLIP = {"ViT-B": 217.0e9, "ViT-L": 433.4e9}
-H100_BF16_FLOPS, MFU = 989e12, 0.40
+MFU = 0.40
 
 
 def cores_per_gpu(clips_per_cpu_s: float) -> dict[str, float]:
     """CPU cores (at this pipeline's clips per CPU-second) that feed one H100 training MAE at 40 % MFU."""
-    return {m: round(MFU * H100_BF16_FLOPS / f / clips_per_cpu_s, 1) for m, f in MAE_FLOPS_PER_CLIP.items()}
+    from .gpu_bench import DATASHEET_BF16_TFLOPS
+
+    return {m: round(MFU * DATASHEET_BF16_TFLOPS * 1e12 / f / clips_per_cpu_s, 1) for m, f in MAE_FLOPS_PER_CLIP.items()}
+
+
+def _shard_files(shards: Path, files: Path) -> tuple[list[str], float]:
+    """The videos of a shard folder written out as loose files (what a per-file loader or a decoder alone reads)
+    → (sorted paths, seconds of video from each sample's json)."""
+    import webdataset as wds
+
+    seconds = 0.0
+    files.mkdir(parents=True, exist_ok=True)
+    for s in json.loads((shards / "manifest.json").read_text())["shards"]:
+        for sample in wds.WebDataset(str(shards / s["url"]), shardshuffle=False):
+            (files / f"{sample['__key__']}.mp4").write_bytes(sample["mp4"])
+            seconds += json.loads(sample["json"]).get("duration", 0.0)
+    return sorted(str(p) for p in files.glob("*.mp4")), seconds
 
 
 def bench_data(args) -> dict:
@@ -213,15 +229,7 @@ def bench_data(args) -> dict:
                                 frames=100)
         make_shards([str(csv), str(shards), "--short-side", str(args.short_side), "--shard-size", "8MB",
                      "--workers", str(max(1, (os.cpu_count() or 2) - 1)), *args.encode.split()])
-    files = root / "files"  # the same encoded clips as loose files, for the per-file baseline
-    if not files.exists():
-        import webdataset as wds
-
-        files.mkdir()
-        for s in json.loads((shards / "manifest.json").read_text())["shards"]:
-            for sample in wds.WebDataset(str(shards / s["url"]), shardshuffle=False):
-                (files / f"{sample['__key__']}.mp4").write_bytes(sample["mp4"])
-    paths = sorted(str(p) for p in files.glob("*.mp4"))
+    paths, _ = _shard_files(shards, root / "files")  # the same encoded clips as loose files: the per-file baseline
 
     torch.set_num_threads(1)
     grid = (args.frames // 2, args.size // 16, args.size // 16)
@@ -275,8 +283,6 @@ SHARD_SETTINGS = {"default": [], "gop8": ["--gop", "8"], "gop32": ["--gop", "32"
 def bench_shards(args) -> dict:
     """Each make_shards setting on the same source: bytes per second of video, and each decoder's delivered frames
     per CPU-second with the pipeline's frame picks (`frames` at `stride` from a random start)."""
-    import webdataset as wds
-
     from ..data.synthetic import write_demo_source
     from .make_shards import main as make_shards
 
@@ -294,14 +300,7 @@ def bench_shards(args) -> dict:
         if not (shards / "manifest.json").exists():
             make_shards([str(csv), str(shards), "--shard-size", "64MB", "--workers",
                          str(max(1, (os.cpu_count() or 2) - 1)), *SHARD_SETTINGS[name]])
-        manifest = json.loads((shards / "manifest.json").read_text())
-        files, seconds = root / f"{name}-files", 0.0
-        files.mkdir(exist_ok=True)
-        for s in manifest["shards"]:
-            for sample in wds.WebDataset(str(shards / s["url"]), shardshuffle=False):
-                (files / f"{sample['__key__']}.mp4").write_bytes(sample["mp4"])
-                seconds += json.loads(sample["json"]).get("duration", 0.0)
-        paths = sorted(str(p) for p in files.glob("*.mp4"))
+        paths, seconds = _shard_files(shards, root / f"{name}-files")
         size = sum(Path(p).stat().st_size for p in paths)
         print(f"{name}: {len(paths)} clips, {size / 1e6:.2f} MB, {seconds:.0f} s of video", flush=True)
         row = {"options": SHARD_SETTINGS[name], "clips": len(paths), "bytes": size, "video_seconds": round(seconds, 1),

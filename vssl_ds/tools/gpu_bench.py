@@ -398,11 +398,13 @@ def part_data(s, device, root: Path) -> dict:
     out = {"setup": {"clips": s["data_clips"], "shards": s["data_shards"], "mode": "resampled shards", "source_px": s["data_src"],
                      "frames": s["frames"], "stride": 4, "size": s["size"], "batch": s["data_batch"],
                      "generate_s": round(time.perf_counter() - t0, 1), "cpus": os.cpu_count()}}
+    from ..data.decode import DecodeError, torchcodec_decoder
+
     try:
-        import torchcodec.decoders  # noqa: F401
+        torchcodec_decoder()
         codec = "torchcodec on the device"
-    except (ImportError, OSError, RuntimeError) as e:
-        codec = f"CPU fallback (torchcodec: {str(e).splitlines()[0][:80]})"
+    except DecodeError as e:
+        codec = f"CPU fallback ({e})"
     # the CPU-decoding rows, then data.decode_device=cuda (workers only draw the plan; the rank decodes)
     runs = [(w, "cpu") for w in s["data_workers"]] + [(s["data_workers"][0], "cuda")]
     for workers, where in runs:
