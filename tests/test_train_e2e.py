@@ -1,6 +1,7 @@
 """The whole path through pretrain.py with real DeepSpeed ranks on CPU (gloo), on shards written in the tests."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -90,4 +91,22 @@ def test_nonfinite_losses_stop_the_run_with_advice(shards, tmp_path):
     out, _ = proc.communicate(timeout=180)
     assert proc.returncode == 3
     assert "non-finite losses in a row" in out and "optim.clip_grad" in out, out[-3000:]
-    assert _scalars(tmp_path / "nan", "train/nonfinite_total")[-1] == 3  # written before the abort
+    # the flags are read at the log lines (every 2 steps here): the run stops at the first that sees 3 in a row
+    run = int(re.search(r"(\d+) non-finite losses in a row up to step", out).group(1))
+    assert run >= 3 and "that optimizer step left the weights unchanged" in out
+    assert _scalars(tmp_path / "nan", "train/nonfinite_total")[-1] >= run  # written before the abort
+
+
+def test_a_nonfinite_loss_costs_its_step_and_nothing_else(tmp_path):
+    """Engines at every ZeRO stage (fp32 and bf16), 2 ranks, accumulation windows of 2 micro-steps: a NaN loss on
+    one rank, or a loss of +inf whose gradients stay finite, leaves every rank's master weights, AdamW moments and
+    step counts bitwise unchanged through the window's optimizer step, without the loop reading anything back per
+    micro-step; the next window trains again."""
+    proc = launch(["0:fp32", "1:fp32", "2:bf16", "3:bf16"], script="tests/helpers/skip_probe.py", timeout=240)
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("PROBE "))
+    for setting, ranks in json.loads(line[6:]).items():
+        assert len(ranks) == 2, setting
+        for report in ranks:
+            assert report["flags"] == [[0.0, 1.0], [1.0, 0.0], [1.0, 0.0]], (setting, report)  # global flags
+            assert report["spoilt_kept"] == [True] * 3, (setting, report)
+            assert report["clean_moves"] == [True] * 3, (setting, report)

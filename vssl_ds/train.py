@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import signal
 import sys
 import time
@@ -121,6 +122,7 @@ class Trainer:
         torch.manual_seed(cfg.run.seed + 1000 * self.rank + 1)  # per-rank stream (drop path)
 
         self.step, self.nonfinite_total, self.nonfinite_run = 0, 0, 0
+        self._pending: list[tuple[int, list[str], torch.Tensor]] = []  # (step, keys, non-finite flag) not read yet
         self.watchdog = Watchdog(cfg.run.hang_timeout, self.rank)
         self.preempted = False  # stopped by a signal, with a checkpoint
         self.bar = None  # rank 0's progress bar on a terminal
@@ -166,8 +168,10 @@ class Trainer:
     # --- state ------------------------------------------------------------------------------------
     def save(self) -> None:
         tag = f"step{self.step:08d}"
+        self._settle_nonfinite()
         self.watchdog.beat(f"writing checkpoint {tag}", self.step)
-        client = {"step": self.step, "nonfinite_total": self.nonfinite_total, "config": to_yaml(self.cfg),
+        client = {"step": self.step, "nonfinite_total": self.nonfinite_total, "nonfinite_run": self.nonfinite_run,
+                  "config": to_yaml(self.cfg),
                   "evolving": self.method.evolving_state()}  # EMA targets (identical on every rank)
         ranks = {"rng": rng_state(), "data": self.loader.state_dict()}
         self.engine.save(self.ckpt_dir, tag, client, ranks, self.cfg.run.keep_last)
@@ -180,6 +184,7 @@ class Trainer:
             return
         client, ranks, peers = restored
         self.step, self.nonfinite_total = int(client["step"]), int(client.get("nonfinite_total", 0))
+        self.nonfinite_run = int(client.get("nonfinite_run", 0))
         if "evolving" in client:
             self.method.load_evolving_state(client["evolving"])
         elif self.method.evolving_state():
@@ -285,8 +290,7 @@ class Trainer:
             if self.flops_per_clip == 0.0 and self.peak_tflops > 0:
                 self.flops_per_clip = self._measure_flops(batch)
             epoch_micro += 1
-            if not self._micro_step(batch, window):
-                continue
+            self._micro_step(batch, window)
             micro = (micro + 1) % self.accum
             if micro:
                 continue
@@ -309,43 +313,62 @@ class Trainer:
                 break
         return last_saved, False
 
-    def _micro_step(self, batch, window) -> bool:
-        """Forward, backward and (at the accumulation boundary) the optimizer step; False if skipped."""
+    def _micro_step(self, batch, window) -> None:
+        """Forward, backward and (at the accumulation boundary) the optimizer step. Nothing is read back here: the
+        engine flags a loss that is not finite on some rank on the device, and the optimizer step closing that
+        accumulation window then changes nothing (weights, moments, step count); the loop reads the flags with the
+        losses at the next log line or checkpoint (`_settle_nonfinite`)."""
         batch = batch.decoded(self.device)  # data.decode_device: the videos are decoded here, on the device
         if self.monitor is not None:
             self.monitor.collect(batch.video, batch.views, batch.targets)  # the probe: the first clips trained on
         batch = batch.to(self.device, self.cfg.data.mean, self.cfg.data.std)
         out = self.method(batch)
-        # the one read-back of a micro-step: whether the loss is finite on every rank (an all-reduce on the device).
-        # It waits for this forward only; the device then has no queued work to drain, because nothing else in the
-        # loop reads from it between log lines (losses add up on the device; control flags travel over gloo)
-        bad = not bool(dist.finite_everywhere(out.loss))
-        if bad:
-            self.nonfinite_total += 1
-            self.nonfinite_run += 1
-            log.warning("non-finite loss at step %d (keys %s): step skipped (%d in a row)", self.step,
-                        batch.keys[:4], self.nonfinite_run)
-            if self.nonfinite_run >= self.cfg.run.max_nonfinite:
-                self.scalars.add({"train/nonfinite_total": self.nonfinite_total}, self.step)  # seen before the abort
-                self.scalars.close()
-                raise NonFiniteLoss(
-                    f"{self.nonfinite_run} non-finite losses in a row at step {self.step}: look at the learning rate "
-                    f"(optim.blr / optim.lr, warmup), engine.precision (fp16 overflows; try bf16 or fp32), "
-                    f"optim.clip_grad, and the data ('loss/*' and 'data/faults' in TensorBoard)")
-            return False
-        self.nonfinite_run = 0
+        bad = self.engine.backward(out.loss)
+        self._pending.append((self.step + 1, batch.keys[:4], bad))
         if self.cfg.run.record_keys:
             self._record_keys(batch.keys)
-        self.engine.backward(out.loss)
         if self.engine.at_boundary():
             self.engine.set_schedule(float(self.schedules["lr"][self.step]), float(self.schedules["wd"][self.step]))
         self.engine.step()
-        window["loss"] = window["loss"] + out.loss.detach().float()  # summed on the device, read at the log line
+        good = bad < 0.5
+        # summed on the device over the micro-steps whose loss was finite everywhere, read at the log line
+        window["loss"] = window["loss"] + torch.where(good, out.loss.detach().float(), 0.0)
         for name, value in out.metrics.items():
-            window[name] = window[name] + (value.detach().float() if torch.is_tensor(value) else float(value))
+            value = value.detach().float() if torch.is_tensor(value) else torch.tensor(float(value), device=self.device)
+            window[name] = window[name] + torch.where(good, value, 0.0)
+        window["trained"] = window["trained"] + good.float()
         window["micro"] += 1
         window["clips"] += batch.size
-        return True
+
+    def _settle_nonfinite(self) -> None:
+        """Read the non-finite flags of the micro-steps since the last call (one read), count and report them, and
+        stop the run (every rank: the flags are all-reduced) after run.max_nonfinite of them in a row."""
+        if not self._pending:
+            return
+        flags = torch.stack([bad.reshape(()) for _, _, bad in self._pending]).tolist()
+        seen, longest = [], (0, 0)  # (step, keys, run) of the bad ones; (run, step) of the longest run
+        for (step, keys, _), flag in zip(self._pending, flags):
+            if flag > 0.5:
+                self.nonfinite_total += 1
+                self.nonfinite_run += 1
+                seen.append((step, keys, self.nonfinite_run))
+                longest = max(longest, (self.nonfinite_run, step))
+            else:
+                self.nonfinite_run = 0
+        self._pending.clear()
+        for step, keys, run in seen[:3]:
+            log.warning("non-finite loss at step %d (keys %s): that optimizer step left the weights unchanged "
+                        "(%d in a row)", step, keys, run)
+        if len(seen) > 3:
+            log.warning("... and %d more non-finite losses up to step %d", len(seen) - 3, seen[-1][0])
+        run, step = longest
+        if run >= self.cfg.run.max_nonfinite:
+            self.scalars.add({"train/nonfinite_total": self.nonfinite_total}, self.step)  # seen before the abort
+            self.scalars.close()
+            raise NonFiniteLoss(
+                f"{run} non-finite losses in a row up to step {step}: look at the learning rate "
+                f"(optim.blr / optim.lr, warmup), engine.precision (fp16 overflows; try bf16 or fp32), "
+                f"optim.clip_grad, and the data ('loss/*' and 'data/faults' in TensorBoard)")
 
     def _resumed_mid_epoch(self) -> bool:
         loader = getattr(self.loader, "videos", self.loader)
@@ -380,9 +403,14 @@ class Trainer:
         return 3.0 * counter.get_total_flops() / batch.size
 
     def _log(self, window, seconds: float) -> None:
+        self._settle_nonfinite()
         n = max(window["micro"], 1)
-        names = sorted(k for k in window if k not in ("data_time", "micro", "clips"))  # every term a method returns
-        totals = torch.stack([torch.as_tensor(window[k], dtype=torch.float32, device=self.device).reshape(()) / n
+        names = sorted(k for k in window if k not in ("data_time", "micro", "clips", "trained"))  # every term a method returns
+        trained = torch.as_tensor(window["trained"], dtype=torch.float32, device=self.device).reshape(())
+        # means over the micro-steps whose loss was finite (the flags are global: the same count on every rank);
+        # NaN when none was
+        per = torch.where(trained > 0, 1.0 / trained.clamp(min=1.0), float("nan"))
+        totals = torch.stack([torch.as_tensor(window[k], dtype=torch.float32, device=self.device).reshape(()) * per
                               for k in names] + [torch.tensor(float(window["clips"]), device=self.device)])
         if self.world > 1:
             torch.distributed.all_reduce(totals)
@@ -408,7 +436,7 @@ class Trainer:
         eta = self._eta(n / self.accum, seconds)
         if self.bar is not None and "loss" in means:
             self.bar.set_postfix_str(f"loss {means['loss']:.4f}", refresh=False)
-        if "loss" in means:  # the first and the latest logged loss: the run's last lines say how far it fell
+        if math.isfinite(means.get("loss", math.nan)):  # the first and the latest logged loss: how far it fell
             self.loss_ends = (self.loss_ends or [(self.step, means["loss"])])[:1] + [(self.step, means["loss"])]
         scalars["perf/eta_h"] = eta / 3600
         self.scalars.add(scalars, self.step)

@@ -58,6 +58,24 @@ def _skip_cpu_shm_allreduce() -> None:
     backend.build_shm_op = lambda: None
 
 
+class SkippingAdamW(torch.optim.AdamW):
+    """torch's fused AdamW, told through `found_inf` (a 0-d float on the device, as torch's GradScaler does) to skip
+    an update without the host reading anything: when it is 1 the fused kernel leaves the parameters and both
+    moments untouched and the step count is restored, so a skipped step is exactly no step. DeepSpeed's ZeRO
+    optimizers and its fp32/bf16 wrappers call this object's `step` on their master partitions (ZeRO-3 and fp16
+    also skip by themselves when the gradients are not finite; the flag covers every stage, and a non-finite loss
+    whose gradients happen to be finite)."""
+
+    def __init__(self, groups, device: torch.device, **kwargs):
+        super().__init__(groups, lr=0.0, fused=True, **kwargs)
+        self.found_inf = torch.zeros((), dtype=torch.float32, device=device)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:  # a checkpoint of the unfused AdamW (before 2026-12) restores its flags
+            group.update(fused=True, foreach=None)
+
+
 def check_ds_config(ds_config: dict, world_size: int = 1) -> None:
     """Let DeepSpeed itself parse the config (as `initialize` would) and raise on anything it rejects."""
     from deepspeed.runtime.config import DeepSpeedConfig
@@ -79,8 +97,8 @@ class Engine:
         self.ds_config = build_ds_config(cfg, self.precision)
         method.to(device)
         o = cfg.optim
-        optimizer = torch.optim.AdamW(method.param_groups(o.weight_decay), lr=0.0, betas=tuple(o.betas), eps=o.eps)
-        self.ds, _, _, _ = deepspeed.initialize(model=method.trainable, optimizer=optimizer, config=self.ds_config)
+        self.optimizer = SkippingAdamW(method.param_groups(o.weight_decay), device, betas=tuple(o.betas), eps=o.eps)
+        self.ds, _, _, _ = deepspeed.initialize(model=method.trainable, optimizer=self.optimizer, config=self.ds_config)
         m = cfg.model
         self.setup = {"engine.zero_stage": self.ds.zero_optimization_stage(), "engine.precision": self.precision,
                       "world size": dist.world(), "global batch": global_batch_of(cfg, dist.world()),
@@ -109,11 +127,22 @@ class Engine:
             group["lr"] = lr * group.get("lr_scale", 1.0)  # layer-wise lr decay (fine-tuning)
             group["weight_decay"] = weight_decay * group.get("wd_scale", 1.0)
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor) -> torch.Tensor:
+        """Backward of a micro-batch, whatever its loss; → a 0-d float on the device, 1.0 when the loss is not finite
+        on some rank (an all-reduce on the device: nothing is read back). The optimizer step that closes the
+        accumulation window then leaves the weights, AdamW's moments and its step count exactly as they were
+        (`SkippingAdamW`): a non-finite loss costs its window's update, never the weights."""
+        bad = 1.0 - dist.finite_everywhere(loss).to(torch.float32)
+        torch.maximum(self.optimizer.found_inf, bad, out=self.optimizer.found_inf)
         self.ds.backward(loss)
+        return bad
 
     def step(self) -> None:
+        """DeepSpeed's step: the optimizer update at the accumulation boundary, a micro-step count otherwise."""
+        boundary = self.at_boundary()
         self.ds.step()
+        if boundary:
+            self.optimizer.found_inf.zero_()  # queued after the update that read it
         if self._bn_buffers and torch.distributed.is_initialized():
             for b in self._bn_buffers:
                 torch.distributed.broadcast(b, 0)
