@@ -23,6 +23,7 @@ from .config.validate import check_environment
 from .data.build import build_loader
 from .data.shards import DataError
 from .engine import dist
+from .engine.syncs import SyncCounter
 from .engine.checkpoint import rng_state, set_rng_state
 from .engine.schedules import build_schedules, global_batch
 from .engine.watchdog import Watchdog
@@ -123,6 +124,7 @@ class Trainer:
 
         self.step, self.nonfinite_total, self.nonfinite_run = 0, 0, 0
         self._pending: list[tuple[int, list[str], torch.Tensor]] = []  # (step, keys, non-finite flag) not read yet
+        self.syncs = SyncCounter(cfg.run.sync_check, device)
         self.watchdog = Watchdog(cfg.run.hang_timeout, self.rank)
         self.preempted = False  # stopped by a signal, with a checkpoint
         self.bar = None  # rank 0's progress bar on a terminal
@@ -217,6 +219,8 @@ class Trainer:
                 saved, preempted = self._loop(stop)
             finally:  # shut the data workers down while the interpreter is whole (else exit can hang)
                 self._batches.close()
+                if self.rank == 0:
+                    self.syncs.report(self.run_dir / "sync_check.json")
             self.preempted = preempted
             if preempted:
                 return self.run_dir
@@ -290,7 +294,8 @@ class Trainer:
             if self.flops_per_clip == 0.0 and self.peak_tflops > 0:
                 self.flops_per_clip = self._measure_flops(batch)
             epoch_micro += 1
-            self._micro_step(batch, window)
+            with self.syncs.watch():  # run.sync_check (GPU): where a micro-step makes the host wait
+                self._micro_step(batch, window)
             micro = (micro + 1) % self.accum
             if micro:
                 continue
@@ -333,9 +338,9 @@ class Trainer:
         good = bad < 0.5
         # summed on the device over the micro-steps whose loss was finite everywhere, read at the log line
         window["loss"] = window["loss"] + torch.where(good, out.loss.detach().float(), 0.0)
-        for name, value in out.metrics.items():
-            value = value.detach().float() if torch.is_tensor(value) else torch.tensor(float(value), device=self.device)
-            window[name] = window[name] + torch.where(good, value, 0.0)
+        for name, value in out.metrics.items():  # (a Python number goes in as a kernel argument, not a copy)
+            window[name] = window[name] + torch.where(good, value.detach().float() if torch.is_tensor(value)
+                                                      else float(value), 0.0)
         window["trained"] = window["trained"] + good.float()
         window["micro"] += 1
         window["clips"] += batch.size

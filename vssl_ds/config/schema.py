@@ -20,10 +20,11 @@ class RunConfig:
     ckpt_every: int = 500  # optimizer steps between checkpoints (0 = only at the end)
     keep_last: int = 2  # checkpoints kept in the run folder (0 = keep all)
     auto_resume: bool = False
-    max_nonfinite: int = 20  # consecutive non-finite losses before the run stops
+    max_nonfinite: int = 20  # consecutive non-finite losses (micro-steps) before the run stops (checked at log lines)
     hang_timeout: float = 1800.0  # seconds without progress (batch, step, checkpoint) before a rank dumps its stacks and exits 6; 0 = never
     peak_tflops: float = 0.0  # per-device peak for MFU; 0 = from the device table (GPU) / not logged (CPU)
     overwrite: bool = False  # start over in a run folder that holds checkpoints (deletes them and the TensorBoard logs)
+    sync_check: bool = False  # debug (GPU): count where micro-steps make the host wait for the device -> sync_check.json
     record_keys: bool = False  # debug: each rank appends the sample keys of every micro-step to keys/rank<r>.jsonl
     wandb: bool = False  # also log scalars, images, texts and the config to Weights & Biases (rank 0; pip install wandb)
     wandb_project: str = "vssl_ds"

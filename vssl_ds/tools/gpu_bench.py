@@ -15,7 +15,8 @@ killed still leaves what it measured.
   mvd        the MVD student step with cached targets vs online teachers (bf16)
   data       the data pipeline (generated H.264 shards) into the device with 8 and 16 workers: clips/s
   e2e        a 200-step tiny MVD run through pretrain.py on the device: stop at step 100 with a checkpoint,
-             `--auto-resume` to 200; checks the resume step, the loss trend, the final weights
+             `--auto-resume` to 200; checks the resume step, the loss trend, the final weights; with
+             run.sync_check, where its micro-steps still make the host wait for the GPU (ours or DeepSpeed's)
   compile    the MAE steps again with model.compile=true (SDPA, the eager variant's batch): compile time, speed
 
 `--cpu` runs every part at toy sizes on the CPU (tests/test_benchmark_cli.py), so the script is never broken
@@ -476,7 +477,8 @@ def part_e2e(s, device, root: Path) -> dict:
             f"method.mvd.image_teacher_weights={work / 'img.pth'}", "method.mvd.video_teacher=vit_tiny_video",
             f"method.mvd.video_teacher_weights={work / 'vid.pth'}", "optim.lr=1e-3", "optim.warmup_steps=10",
             "run.epochs=0", f"run.max_steps={steps}", f"run.ckpt_every={steps // s['e2e_ckpts']}", f"run.log_every={max(steps // 20, 1)}",
-            f"run.out_dir={work / 'runs'}", "run.name=mvd_e2e"]
+            f"run.out_dir={work / 'runs'}", "run.name=mvd_e2e",
+            "run.sync_check=true"]  # where a micro-step still makes the host wait for the GPU
     args = [a for kv in sets for a in ("--set", kv)]
     launch = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # this process's own group
     env = {k: v for k, v in os.environ.items() if k not in launch}
@@ -499,6 +501,11 @@ def part_e2e(s, device, root: Path) -> dict:
     out.update(resumed_from=f"step {steps // 2}" if f"resumed at step {steps // 2}" in runs[1].stdout else "NOT RESUMED",
                latest=latest, final_step=digests["step"], loss_first=round(loss[0][1], 4), loss_last=round(loss[-1][1], 4),
                loss_points=len(loss), clips_per_s=round(_tb_scalars(run_dir, "perf/clips_per_s")[-1][1], 1))
+    sync_file = run_dir / "sync_check.json"  # the resumed half's count (issue 15, item 7)
+    if sync_file.is_file():
+        syncs = json.loads(sync_file.read_text())
+        out.update(syncs_per_micro_step=syncs["per_micro_step"], micro_steps_that_wait=syncs["micro_steps_that_wait"],
+                   sync_places=dict(list(syncs["places"].items())[:6]))
     ok = out["resumed_from"] != "NOT RESUMED" and digests["step"] == steps and math.isfinite(out["loss_last"])
     out["ok"] = bool(ok)
     print(f"  e2e: {out}", flush=True)
