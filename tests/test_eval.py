@@ -1,6 +1,7 @@
 """Export and downstream evaluation: ZeRO-3 checkpoint → safetensors round trip, timm loading of 2D encoders,
 kNN voting, and every evaluation mode end to end with two DeepSpeed ranks."""
 import json
+import math
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ import torch
 
 from conftest import TINY, launch, overrides
 from vssl_ds.eval.data import spread_crops, spread_clips
-from vssl_ds.eval.knn import vote
+from vssl_ds.eval.knn import leave_one_out_top1, vote
 from vssl_ds.eval.metrics import TopK
 from vssl_ds.models import create_model
 from vssl_ds.models.exported import load_exported, save_exported
@@ -80,6 +81,44 @@ def test_knn_vote_weights_neighbours_by_similarity():
         for s, j in zip(top.values[i], top.indices[i]):
             expect[i, labels[j]] += torch.exp(s / 0.1)
     assert torch.allclose(scores, expect) and scores.argmax(1).tolist() == [0, 1] and (scores[:, 2] == 0).all()
+
+
+def _loo_by_hand(feats, labels, k, t, standardize):
+    """The monitor's probe written out clip by clip in plain Python (no torch vectorised code)."""
+    rows = feats.tolist()
+    dims = len(rows[0])
+    if standardize:
+        mean = [sum(r[d] for r in rows) / len(rows) for d in range(dims)]
+        std = [max((sum((r[d] - mean[d]) ** 2 for r in rows) / (len(rows) - 1)) ** 0.5, 1e-6) for d in range(dims)]
+        rows = [[(r[d] - mean[d]) / std[d] for d in range(dims)] for r in rows]
+    rows = [[v / sum(x * x for x in r) ** 0.5 for v in r] for r in rows]
+    right = 0
+    for i, q in enumerate(rows):
+        sims = sorted(((sum(a * b for a, b in zip(q, r)), j) for j, r in enumerate(rows) if j != i), reverse=True)[:k]
+        votes = {}
+        for s, j in sims:
+            votes[int(labels[j])] = votes.get(int(labels[j]), 0.0) + math.exp(s / t)
+        right += max(votes, key=votes.get) == int(labels[i])
+    return 100.0 * right / len(rows)
+
+
+@pytest.mark.parametrize("standardize", [True, False])
+def test_monitor_leave_one_out_knn_matches_a_clip_by_clip_count(standardize):
+    """Clusters along a few dimensions, under one large shared offset and one dimension of large scale (what
+    masked-modelling features look like): the vote must never count a clip for itself, and standardising the
+    dimensions must be what recovers the clusters."""
+    g = torch.Generator().manual_seed(3)
+    labels = torch.arange(30) % 3
+    feats = torch.randn(30, 6, generator=g) * 0.3
+    feats[torch.arange(30), labels] += 1.0  # class c is larger along dimension c
+    feats[:, 4] = 50.0 + 0.5 * torch.randn(30, generator=g)  # shared offset, no class information
+    feats[:, 5] = 20.0 * torch.randn(30, generator=g)  # large scale, no class information
+    got = leave_one_out_top1(feats, labels, k=5, t=0.07, standardize=standardize)
+    assert got == pytest.approx(_loo_by_hand(feats, labels, 5, 0.07, standardize))
+    if standardize:
+        assert got >= 80.0 > leave_one_out_top1(feats, labels, k=5, t=0.07, standardize=False)
+    same = torch.zeros(4, 3)  # identical clips: leaving one out, each is outvoted by the other class
+    assert leave_one_out_top1(same, torch.tensor([0, 0, 1, 1]), k=3, t=0.07, standardize=standardize) == 0.0
 
 
 def test_topk_and_test_views():

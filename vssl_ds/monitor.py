@@ -18,8 +18,10 @@ a resumed run probes the same clips. Pooled features of all ranks are gathered; 
   clip maps to one point, about -4 for features spread over a high-dimensional sphere).
 
 With `monitor.val` (labelled shards), also `monitor/knn_top1`: leave-one-out weighted kNN accuracy (DINO's vote,
-eval.knn_k / eval.knn_t) of the frozen pooled features of those clips, every rank extracting its share; probed once
-before the first step too, so the curve starts at the random initialisation.
+monitor.knn_k neighbours, eval.knn_t; eval/knn.py::leave_one_out_top1) of the frozen pooled features of those clips,
+each dimension standardised over the clips first (monitor.knn_standardize, as MAE's linear probe does with a
+non-affine BatchNorm), every rank extracting its share; probed once before the first step too, so the curve starts
+at the random initialisation.
 
 Images of the first `monitor.images` probe clips under a fixed mask per clip, a few time steps each (whatever the
 method's `probe_images` returns): for the masked-pixel methods (VideoMAE, ViC-MAE) `monitor/reconstruction`, one
@@ -224,8 +226,7 @@ class HealthMonitor:
         """Leave-one-out weighted kNN top-1 (%) on monitor.val with the current encoder; every rank calls this."""
         if not self.val:
             return None
-        import torch.nn.functional as F
-
+        from .eval.knn import leave_one_out_top1
         from .eval.testing import view_batches
 
         e = self.cfg.eval
@@ -239,7 +240,7 @@ class HealthMonitor:
                     self.beat()
                     f = self._pooled(self.encoder, video, "mean").float()
                     if label is not None:
-                        feats.append(F.normalize(f, dim=-1).cpu())
+                        feats.append(f.cpu())
                         labels.append(label)
             finally:
                 self.encoder.train(was_training)
@@ -255,11 +256,8 @@ class HealthMonitor:
             log.warning("monitor.val needs at least 2 labelled clips (got %d, labels from %d): no kNN probe",
                         len(bank), int(y.min()) if len(y) else -1)
             return None
-        sim = bank @ bank.T
-        sim.fill_diagonal_(float("-inf"))  # leave one out: a clip never votes for itself
-        top, idx = sim.topk(min(e.knn_k, len(bank) - 1), dim=1)
-        votes = torch.zeros(len(bank), int(y.max()) + 1).scatter_add_(1, y[idx], (top / e.knn_t).exp())
-        top1 = 100.0 * float((votes.argmax(1) == y).float().mean())
+        m = self.cfg.monitor
+        top1 = leave_one_out_top1(bank, y, m.knn_k, e.knn_t, m.knn_standardize)
         self.knn_classes = int(len(y.unique()))
         self.knn_history.append((step, top1))
         if log_it:

@@ -247,6 +247,8 @@ class MonitorConfig:
     every: int = 500  # optimizer steps between health probes of the encoder (0 = off); see vssl_ds/monitor.py
     clips: int = 64  # probe clips over all ranks (the first clips each rank trains on, kept for the whole run)
     val: str = ""  # labelled shards: leave-one-out kNN top-1 of the frozen features at every probe (monitor/knn_top1)
+    knn_k: int = 10  # neighbours voting in that probe (its labelled sets hold tens of clips per class)
+    knn_standardize: bool = True  # standardise each feature dimension over the probe clips first (MAE's probe BN)
     images: int = 4  # masked-pixel methods: probe clips shown as original / masked / reconstruction (0 = none)
     collapse_drop: float = 0.5  # collapse alarm: RankMe or feature std below this x the best the run has reached
 

@@ -53,7 +53,7 @@ def check_values(cfg: Config) -> None:
         _fail("run.name", f"{r.name!r} is not a plain folder name (no path separators, no '..')",
               "use letters, digits and - _ . + = , @; put the folder in run.out_dir")
     _at_least(cfg, 0, "run.seed", "run.epochs", "run.max_steps", "run.stop_at", "run.ckpt_every", "run.keep_last")
-    _at_least(cfg, 1, "run.log_every", "run.max_nonfinite")
+    _at_least(cfg, 1, "run.log_every", "run.max_nonfinite", "monitor.knn_k")
     _at_least(cfg, 0, "run.peak_tflops", "run.hang_timeout", "monitor.every",
               "monitor.images")
     _at_least(cfg, 2, "monitor.clips", fix="set monitor.clips to 2 or more (64 is the default)")

@@ -65,15 +65,34 @@ def train_bank(encoder, cfg: Config, device, run_dir: Path):
 
 
 def vote(query: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor, num_classes: int, k: int,
-         t: float, chunk: int = 1024) -> torch.Tensor:
-    """query [n,D], bank [N,D] (both L2-normalised) → class scores [n,K]."""
-    k = min(k, bank.shape[0])
+         t: float, chunk: int = 1024, leave_one_out: bool = False) -> torch.Tensor:
+    """query [n,D], bank [N,D] (both L2-normalised) → class scores [n,K]. `leave_one_out`: the query is the bank,
+    and no row votes for itself."""
+    k = min(k, bank.shape[0] - int(leave_one_out))
     out = []
-    for q in query.split(chunk):
-        sim, idx = (q.float() @ bank.float().T).topk(k, dim=1)  # [c,k]
+    for start, q in zip(range(0, query.shape[0], chunk), query.split(chunk)):
+        sim = q.float() @ bank.float().T
+        if leave_one_out:
+            rows = torch.arange(q.shape[0])
+            sim[rows, rows + start] = float("-inf")
+        sim, idx = sim.topk(k, dim=1)  # [c,k]
         votes = torch.zeros(q.shape[0], num_classes)
         out.append(votes.scatter_add_(1, bank_labels[idx], (sim / t).exp()))
     return torch.cat(out) if out else torch.zeros(0, num_classes)
+
+
+def leave_one_out_top1(features: torch.Tensor, labels: torch.Tensor, k: int, t: float,
+                       standardize: bool = True) -> float:
+    """Top-1 (%) of the weighted kNN vote of every clip among the others (the health monitor's labelled probe).
+    features [N,D] as pooled (not normalised). `standardize`: each dimension is centred and scaled to unit std over
+    the clips before the L2 normalisation, as MAE's linear probe puts a non-affine BatchNorm before its classifier:
+    masked-modelling features carry a few dimensions of large mean and scale that otherwise decide every cosine."""
+    f = features.float()
+    if standardize:
+        f = (f - f.mean(0)) / f.std(0).clamp_min(1e-6)
+    f = F.normalize(f, dim=-1)
+    scores = vote(f, f, labels, int(labels.max()) + 1, k, t, leave_one_out=True)
+    return 100.0 * float((scores.argmax(1) == labels).float().mean())
 
 
 def knn_classify(cfg: Config, device, run_dir: Path) -> tuple[TopK, int]:
