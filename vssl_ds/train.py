@@ -410,7 +410,8 @@ class Trainer:
     def _log(self, window, seconds: float) -> None:
         self._settle_nonfinite()
         n = max(window["micro"], 1)
-        names = sorted(k for k in window if k not in ("data_time", "micro", "clips", "trained"))  # every term a method returns
+        # every term a method returns
+        names = sorted(k for k in window if k not in ("data_time", "micro", "clips", "trained"))
         trained = torch.as_tensor(window["trained"], dtype=torch.float32, device=self.device).reshape(())
         # means over the micro-steps whose loss was finite (the flags are global: the same count on every rank);
         # NaN when none was

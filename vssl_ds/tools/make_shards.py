@@ -97,7 +97,8 @@ class ShardWriter:
 
         if self.sink is None:
             self.tmp = self.out / f"{self.prefix}-{self.index:06d}.tar.tmp"
-            self.sink = wds.TarWriter(str(self.tmp), mtime=0)  # fixed header times (a shard copied with --copy, or of images, is then identical in a rerun)
+            # fixed header times: a rerun writes the same tar around the same bytes
+            self.sink = wds.TarWriter(str(self.tmp), mtime=0)
         self.sink.write(sample)
         self.count += 1
         self.bytes += sum(len(v) for k, v in sample.items() if not k.startswith("__"))
