@@ -88,3 +88,12 @@ def test_a_recipe_inherits_from_several_parents_in_order(tmp_path):
     (tmp_path / "bad.yaml").write_text("inherit: {a: 1}\n")
     with pytest.raises(ConfigError, match="must be a recipe name or a list"):
         load_config(str(tmp_path / "bad.yaml"))
+
+
+def test_synthetic_task_choices_are_the_generators():
+    from vssl_ds.config.schema import CHOICES
+    from vssl_ds.data.synthetic import TASKS
+
+    assert set(CHOICES["data.synthetic_task"]) == set(TASKS)
+    with pytest.raises(ConfigError, match="data.synthetic_task"):
+        load_config("tiny_mae", ["data.synthetic_task=squares"])

@@ -67,11 +67,13 @@ def ensure_default_data(cfg: Config) -> None:
         if not manifest.is_file():
             log.info("data.train is empty: writing %d generated clips to %s", cfg.data.synthetic_clips,
                      manifest.parent)
-            write_synthetic_shards(manifest.parent, clips=cfg.data.synthetic_clips, shards=8)
+            write_synthetic_shards(manifest.parent, clips=cfg.data.synthetic_clips, shards=8,
+                                   task=cfg.data.synthetic_task)
         if want_val and not val.is_file():
             log.info("writing %d generated labelled clips (another seed) to %s for the monitor's kNN probe",
                      cfg.data.synthetic_val_clips, val.parent)
-            write_synthetic_shards(val.parent, clips=cfg.data.synthetic_val_clips, shards=4, seed=1)
+            write_synthetic_shards(val.parent, clips=cfg.data.synthetic_val_clips, shards=4, seed=1,
+                                   task=cfg.data.synthetic_task)
     dist.barrier()
     cfg.data.train = str(manifest)
     if want_val:

@@ -38,6 +38,7 @@ class DataConfig:
     synthetic: bool = False  # train empty → write generated toy clips and train on them (only the embedded default)
     synthetic_dir: str = "data/synthetic"  # where the embedded default writes its shards when train is empty
     synthetic_clips: int = 64
+    synthetic_task: str = "shape"  # what the generated clips' labels mean: vssl_ds.data.synthetic.TASKS
     synthetic_val_clips: int = 0  # > 0: also write that many labelled clips (another seed) to <synthetic_dir>_val
     # and use them as monitor.val when it is empty (the embedded default's kNN probe)
     epoch_size: int = 0  # samples per epoch when `train` has no manifest
@@ -271,6 +272,7 @@ CHOICES = {
     "run.wandb_mode": ("", "online", "offline", "disabled"),
     "data.decoder": ("decord", "pyav", "torchcodec"),
     "data.decode_device": ("cpu", "cuda"),
+    "data.synthetic_task": ("shape", "silhouette", "orbit", "drift"),  # vssl_ds.data.synthetic.TASKS
     "data.view": ("clip", "scale_crop", "long_short", "frame_pair", "finetune", "image"),
     "model.attn_backend": ("auto", "xformers", "sdpa", "math"),
     "model.swin_index": ("official", "window"),
