@@ -212,6 +212,26 @@ def test_device_decode_names_the_sample_it_cannot_read():
         decode_batch([(b"not a video", plan)], "cpu")
 
 
+def test_device_decode_falls_back_to_the_runs_decoder_order(shards, monkeypatch):
+    """The CPU fallback of a clip the device cannot decode tries the run's data.decoder order, which the worker
+    writes into the clip's plan."""
+    import vssl_ds.data.device_decode as dd
+
+    d = _data(shards, batch_size=2, decoder="pyav")
+    dev, _ = stream(d, d.train, view_from(d, "clip"), d.batch_size, None, 0, 1, 0, decode_device="cuda")
+    batch = next(iter(dev))
+    assert all(plan["decoders"][0] == "pyav" for _, plan in batch.encoded)
+    tried = []
+
+    def recording(data, pick, decoders):
+        tried.append(tuple(decoders))
+        return decode(data, pick, decoders)
+
+    monkeypatch.setattr(dd, "decode", recording)
+    batch.decoded("cpu")  # no torchcodec here: every clip falls back
+    assert tried and all(t == tuple(batch.encoded[0][1]["decoders"]) for t in tried)
+
+
 def test_device_decode_is_refused_without_a_gpu(shards, tmp_path):
     from vssl_ds.config.errors import ConfigError
     from vssl_ds.config.loader import load_config

@@ -27,8 +27,8 @@ Frames = Callable[[bytes, np.ndarray, torch.device], torch.Tensor]  # (video, in
 def decode_batch(encoded: list, device, decode_frames: Frames = decode_torchcodec_on,
                  fallback=("decord", "pyav")) -> dict[str, torch.Tensor]:
     """[(video bytes, plan)] → {view name: [B,C,T,H,W] uint8 on `device`}. Repeats of one video in the batch share
-    one decode. A video the device decoder cannot read is decoded on the CPU by the `fallback` decoders (the same
-    frame indices) and moved to the device; one neither can read raises DecodeError naming its key."""
+    one decode. A video the device decoder cannot read is decoded on the CPU (the same frame indices) by the
+    decoders its plan names (the run's data.decoder order), else by `fallback`, and moved to the device; one neither can read raises DecodeError naming its key."""
     device = torch.device(device)
     decoded: dict[tuple, torch.Tensor] = {}
     out: dict[str, list[torch.Tensor]] = {}
@@ -36,7 +36,8 @@ def decode_batch(encoded: list, device, decode_frames: Frames = decode_torchcode
         indices = np.asarray(plan["frames"], dtype=np.int64)
         ident = (plan["key"], indices.tobytes())
         if ident not in decoded:
-            decoded[ident] = _frames(data, indices, device, decode_frames, fallback, plan["key"])
+            cpu = tuple(plan.get("decoders") or fallback)  # the run's data.decoder order, from the worker
+            decoded[ident] = _frames(data, indices, device, decode_frames, cpu, plan["key"])
         frames = decoded[ident]
         for name, rows in plan["clips"].items():
             clip = apply_view(_gather(frames, rows), plan["spatial"][name])

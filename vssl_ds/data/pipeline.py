@@ -211,7 +211,7 @@ class ShardStream(IterableDataset):
             params = replay["spatial"] if replay is not None else self.view.spatial(height, width, rng)
             if planned:  # the same draws as below, for decode_batch on the device
                 sample = {"encoded": (raw[member], {
-                    "key": key, "frames": np.asarray(indices, dtype=np.int64),
+                    "key": key, "frames": np.asarray(indices, dtype=np.int64), "decoders": list(self.decoders),
                     "clips": {name: [where[int(i)] for i in idx] for name, idx in zip(names, clips)},
                     "spatial": dict(zip(names, params))})}
             else:
