@@ -30,6 +30,15 @@ def _draw(canvas: np.ndarray, shape: str, cy: float, cx: float, r: int, color) -
     canvas[m] = color
 
 
+def _bounce(pos: np.ndarray, vel: np.ndarray, r: int, size: int) -> None:
+    """One frame of motion for a shape of radius r: move, and bounce off the borders (in place)."""
+    pos += vel
+    for i in range(2):
+        if not r <= pos[i] <= size - r:
+            vel[i] = -vel[i]
+            pos[i] = np.clip(pos[i], r, size - r)
+
+
 def render_clip(rng: np.random.Generator, label: int, frames: int, size: int) -> np.ndarray:
     """One clip: a shape (the label) of random colour and size bouncing over a smooth colour gradient (under half a
     period of a sinusoid per channel, so the colours of the visible patches tell those of the hidden ones: what a
@@ -47,17 +56,13 @@ def render_clip(rng: np.random.Generator, label: int, frames: int, size: int) ->
         canvas = np.clip(base + noise, 0, 255)
         _draw(canvas, SHAPES[label], pos[0], pos[1], r, color)
         out[t] = canvas.astype(np.uint8)
-        pos += vel
-        for i in range(2):  # bounce off the borders
-            if not r <= pos[i] <= size - r:
-                vel[i] = -vel[i]
-                pos[i] = np.clip(pos[i], r, size - r)
+        _bounce(pos, vel, r, size)
     return out
 
 
 def render_silhouette_clip(rng: np.random.Generator, label: int, frames: int, size: int) -> np.ndarray:
     """The embedded default's clips: a light shape (the label) of random size, bouncing over a flat grey background
-    with light static noise. Colour and background are the same in every clip, so the shape is what tells the
+    with light noise drawn afresh every frame. Colour and background are the same in every clip, so the shape is what tells the
     classes apart (with size, position and motion as the nuisances): what a tiny masked autoencoder learns to
     complete in two CPU minutes, and what a random initialisation's pooled features do not separate.  # [T,H,W,3]"""
     r = int(rng.integers(int(size * 0.15), int(size * 0.3)))
@@ -68,11 +73,7 @@ def render_silhouette_clip(rng: np.random.Generator, label: int, frames: int, si
         canvas = 128.0 + rng.normal(0, 4, (size, size, 3))
         _draw(canvas, SHAPES[label], pos[0], pos[1], r, (230, 230, 230))
         out[t] = np.clip(canvas, 0, 255).astype(np.uint8)
-        pos += vel
-        for i in range(2):  # bounce off the borders
-            if not r <= pos[i] <= size - r:
-                vel[i] = -vel[i]
-                pos[i] = np.clip(pos[i], r, size - r)
+        _bounce(pos, vel, r, size)
     return out
 
 
