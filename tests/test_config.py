@@ -25,6 +25,7 @@ def test_recipe_inherits_and_overrides_win():
     ("data.batch_size=abc", "bad value for 'data.batch_size'"),
     ("engine.zero_stage=5", "'engine.zero_stage' is 5; choose one of 0, 1, 2, 3"),
     ("run.max_steps", "must look like section.key=value"),
+    ("data.flip=1.5", "data.flip: 1.5 is not a probability"),
 ])
 def test_bad_overrides_fail_with_the_key_named(override, expect):
     with pytest.raises(ConfigError, match=expect.replace("?", r"\?").replace("(", r"\(")):

@@ -66,6 +66,28 @@ def test_every_view_kind_gives_its_clips(kind, clip):
         assert out.shape[1:] == (32, 32, 3)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_data_flip_sets_every_clips_flip_and_moves_nothing_else(kind):
+    """data.flip=0 (SSv2-style data) never flips; 1 always; -1 keeps the view's default. Crops and colours stay
+    the draws they were, so a run with the flip turned off sees the same crops."""
+    from vssl_ds.config import load_config
+    from vssl_ds.data.build import view_from
+
+    def draws(flip):
+        recipe = "toy_bevt_image" if kind == "image" else "tiny_mae"  # images: BEVT's image stage only
+        d = load_config(recipe, [f"data.view={kind}", f"data.flip={flip}", "data.short_range=[40,60]"]).data
+        view, rng = view_from(d), np.random.default_rng(3)
+        return [view.spatial(90, 120, rng) for _ in range(40)]
+
+    default, never, always = draws(-1), draws(0), draws(1)
+    flips = [p["flip"] for views in default for p in views]
+    assert not any(p["flip"] for views in never for p in views)
+    assert all(p["flip"] for views in always for p in views)
+    assert any(flips) == (kind != "clip") and (kind == "clip" or not all(flips))  # the defaults: 0 or 0.5
+    strip = [[{k: v for k, v in p.items() if k != "flip"} for p in views] for views in default]
+    assert strip == [[{k: v for k, v in p.items() if k != "flip"} for p in views] for views in never]
+
+
 def test_randaugment_ops_keep_shape_and_dtype_and_do_something(clip):
     from vssl_ds.data.randaugment import OPS, apply_randaugment
 

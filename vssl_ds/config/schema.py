@@ -56,6 +56,9 @@ class DataConfig:
     # resized and masked there; the workers only draw the frames, crops and masks (same as on the CPU path)
     view: str = "clip"  # clip | scale_crop | long_short | frame_pair | finetune | image (BEVT image-only stage; see data/views.py)
     repeats: int = 1  # repeated augmentation: samples drawn per video (batch_size must be a multiple)
+    flip: float = -1.0  # horizontal flip probability of every training clip; -1 = the view's default (METHODS.md).
+    # 0 for data with a left/right sense (SSv2's "pushing something from left to right"; the official VideoMAE / MVD
+    # fine-tuning turns the flip off for SSV2)
     long_stride: int = 8  # long_short: stride of the long clip
     max_gap: int = 16  # frame_pair: most frames between the two frames
     short_range: list[int] = field(default_factory=lambda: [256, 320])  # scale_crop: short side before the crop

@@ -70,6 +70,9 @@ def check_values(cfg: Config) -> None:
               "make the per-device batch a multiple of the repeats so no video's repeats are split")
     if not d.scales or any(not 0 < s <= 1 for s in d.scales):
         _fail("data.scales", f"{d.scales} must be crop fractions in (0, 1]", "e.g. data.scales=[1.0,0.875,0.75,0.66]")
+    if d.flip != -1 and not 0 <= d.flip <= 1:
+        _fail("data.flip", f"{d.flip} is not a probability", "give 0..1 (0: no flip, for left/right-sensitive labels) "
+              "or -1 for the view's default")
     if len(d.short_range) != 2 or not 0 < d.short_range[0] <= d.short_range[1]:
         _fail("data.short_range", f"{d.short_range} must be [low, high] with 0 < low <= high", "e.g. [256, 320]")
     for key in ("data.mean", "data.std"):

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 def view_from(d: DataConfig, kind: str | None = None) -> View:
     return View(kind=kind or d.view, num_frames=d.num_frames, stride=d.sampling_rate, size=d.size,
                 policy=d.short_video, scales=tuple(d.scales), short_range=tuple(d.short_range),
-                long_stride=d.long_stride, max_gap=d.max_gap, repeats=d.repeats)
+                long_stride=d.long_stride, max_gap=d.max_gap, repeats=d.repeats, flip=d.flip)
 
 
 def stream(d: DataConfig, spec: str, view: View, batch_size: int, mask_fn, rank: int, world: int,

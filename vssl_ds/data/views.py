@@ -6,7 +6,7 @@ sample's rng, so it can be recorded and replayed (teacher cache). Defaults follo
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -30,6 +30,7 @@ class View:
     max_gap: int = 16  # frame_pair: most frames between the two frames
     repeats: int = 1  # repeated augmentation: samples drawn per video
     photometric: tuple = field(default=())  # one Photometric per clip; () = the kind's default
+    flip: float = -1.0  # horizontal flip probability of every clip (-1: the kind's default; data.flip)
 
     def names(self) -> tuple[str, ...]:
         """Batch field of each clip of one sample."""
@@ -50,7 +51,10 @@ class View:
     def spatial(self, height: int, width: int, rng: np.random.Generator) -> list[dict]:
         """The spatial view of each clip (see transforms.py for the dict)."""
         out = []
-        for i, photo in enumerate(self.photometric or DEFAULT_PHOTOMETRIC[self.kind]):
+        photos = self.photometric or DEFAULT_PHOTOMETRIC[self.kind]
+        if self.flip >= 0:  # same number of draws either way: the other choices do not move
+            photos = tuple(replace(p, flip=self.flip) for p in photos)
+        for i, photo in enumerate(photos):
             if self.kind == "clip":
                 box = multi_scale_crop_params(height, width, self.size, self.scales, rng)
             elif self.kind in ("scale_crop", "image"):

@@ -442,7 +442,8 @@ def part_data(s, device, root: Path) -> dict:
     return out
 
 
-def _tb_scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+def tb_scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    """A run's TensorBoard scalar `tag` (from RUN/tb) → [(step, value)] by step (a resumed run's last write wins)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     points = {}
@@ -495,12 +496,12 @@ def part_e2e(s, device, root: Path) -> dict:
         if proc.returncode != 0:
             raise RuntimeError(f"pretrain.py ({label}) exited {proc.returncode}: {(proc.stdout + proc.stderr)[-1500:]}")
     run_dir = work / "runs" / "mvd_e2e"
-    loss = _tb_scalars(run_dir, "train/loss")
+    loss = tb_scalars(run_dir, "train/loss")
     latest = (run_dir / "checkpoints" / "latest").read_text().strip()
     digests = json.loads((run_dir / "final_digests.json").read_text())
     out.update(resumed_from=f"step {steps // 2}" if f"resumed at step {steps // 2}" in runs[1].stdout else "NOT RESUMED",
                latest=latest, final_step=digests["step"], loss_first=round(loss[0][1], 4), loss_last=round(loss[-1][1], 4),
-               loss_points=len(loss), clips_per_s=round(_tb_scalars(run_dir, "perf/clips_per_s")[-1][1], 1))
+               loss_points=len(loss), clips_per_s=round(tb_scalars(run_dir, "perf/clips_per_s")[-1][1], 1))
     sync_file = run_dir / "sync_check.json"  # the resumed half's count (issue 15, item 7)
     if sync_file.is_file():
         syncs = json.loads(sync_file.read_text())

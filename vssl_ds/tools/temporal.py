@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 VIT = ["model.name=vit_micro_video", "model.img_size=32", "model.num_frames=8", "model.patch=8"]
 DATA = ["data.size=32", "data.num_frames=8", "data.sampling_rate=2", "data.num_workers=1"]
 METHODS = {  # name → (recipe, tiny overrides); "{...}" fields are filled from earlier stages
@@ -53,7 +55,10 @@ def add_args(sub) -> None:
     t.add_argument("--probe-steps", type=int, default=300)
     t.add_argument("--batch", type=int, default=8)
     t.add_argument("--train-clips", type=int, default=256)
-    t.add_argument("--val-clips", type=int, default=96)
+    t.add_argument("--val-clips", type=int, default=640, help="test clips of the probe (640: one standard error "
+                                                                "<= 2 points)")
+    t.add_argument("--monitor-clips", type=int, default=256, help="labelled clips of the monitor's kNN curve during "
+                                                                  "pretraining (another seed)")
     t.add_argument("--workdir", default="bench/temporal", help="shards, runs and results go to WORKDIR/TASK (kept; "
                                                                "finished stages are reused when rerun)")
     t.add_argument("--json", default="")
@@ -76,7 +81,8 @@ def _data(work: Path, a) -> dict:
     from ..data.synthetic import write_synthetic_shards
 
     out = {}
-    for split, clips, seed in (("train", a.train_clips, 11), ("val", a.val_clips, 12)):
+    for split, clips, seed in (("train", a.train_clips, 11), ("val", a.val_clips, 12),
+                               ("monitor", a.monitor_clips, 14)):
         manifest = work / split / "manifest.json"
         if not manifest.is_file():
             write_synthetic_shards(manifest.parent, clips=clips, shards=4, frames=32, size=48, seed=seed, task=a.task)
@@ -144,11 +150,55 @@ def _pretrain(work: Path, name: str, data: dict, a, filled: dict) -> str:
     sets = [s.format(**filled) for s in sets] + [
         *DATA, f"data.train={data['train']}", f"data.batch_size={a.batch}", f"run.max_steps={a.steps}",
         "optim.lr=1e-3", "optim.warmup_epochs=0", "optim.warmup_steps=20", "run.log_every=50", "run.ckpt_every=0",
-        f"run.out_dir={work / 'runs'}", f"run.name={name}"]
+        f"run.out_dir={work / 'runs'}", f"run.name={name}", f"monitor.every={max(a.steps // 10, 1)}",
+        f"monitor.val={data['monitor']}", "monitor.clips=64", "monitor.images=0"]
     _run(["-c", "import sys; from vssl_ds.train import main; sys.exit(main())", "--config", recipe, *_sets(sets)],
          work / f"pretrain_{name}.log")
     export(work / "runs" / name, out)
     return str(out)
+
+
+@torch.no_grad()
+def order_sensitivity(weights: str, spec: str) -> float:
+    """How far an encoder's pooled feature of a test clip moves when the clip's frames are played backwards (which
+    turns it into a clip of the other class), relative to how far apart two different test clips lie: mean over
+    clips of ||f(x) - f(reversed x)||² / mean over pairs of ||f(x) - f(y)||², every feature dimension standardised
+    over the clips first (as the probe's BatchNorm does). 0: the pooled features cannot see frame order, so no
+    probe on them can beat chance here; label-free, and measured the same way on the random initialisation."""
+    from ..config.schema import Config
+    from ..eval.classifier import pooled
+    from ..eval.testing import view_batches
+    from ..models.exported import load_exported
+
+    encoder, _ = load_exported(weights, attn_backend="sdpa")
+    encoder.eval()
+    cfg = Config()
+    for key, value in (("size", 32), ("num_frames", 8), ("sampling_rate", 2), ("num_workers", 1)):
+        setattr(cfg.data, key, value)
+    forward, backward = [], []
+    for video, _, _, _ in view_batches(spec, cfg, 1, 1, torch.device("cpu"), 32):
+        forward.append(pooled(encoder, video, cfg.eval.pool).double())
+        backward.append(pooled(encoder, video.flip(2), cfg.eval.pool).double())  # [B,C,T,H,W]: T reversed
+    f, r = torch.cat(forward), torch.cat(backward)
+    mean, std = f.mean(0), f.std(0).clamp_min(1e-12)
+    f, r = (f - mean) / std, (r - mean) / std
+    n = len(f)
+    between = torch.cdist(f, f).pow(2).sum() / (n * (n - 1))
+    return float((f - r).pow(2).sum(1).mean() / between.clamp_min(1e-30))
+
+
+def _standard_error(top1: float, n: int) -> float:
+    """One standard error of an accuracy (%) measured on n test clips (binomial)."""
+    p = top1 / 100
+    return 100 * (max(p * (1 - p), 1e-4) / max(n, 1)) ** 0.5
+
+
+def _curves(run_dir: Path) -> dict:
+    """The monitor's curves of a pretraining run: kNN top-1 on the labelled monitor clips and RankMe, by step."""
+    from .gpu_bench import tb_scalars
+
+    return {key: [[step, round(value, 3)] for step, value in tb_scalars(run_dir, f"monitor/{key}")]
+            for key in ("knn_top1", "rankme")}
 
 
 def bench_temporal(a) -> dict:
@@ -188,11 +238,21 @@ def bench_temporal(a) -> dict:
         stages.set_postfix_str(f"probing {name}'s random init")
         baseline = _probe(work, f"random_{name}", data, a, _random_like(filled[name]))
         stages.update()
+        stages.set_postfix_str(f"order sensitivity of {name}")
+        sens = [order_sensitivity(w, str(data["val"])) for w in (filled[name], _random_like(filled[name]))]
+        se = max(_standard_error(r["top1"], r["videos"]) for r in (trained, baseline))
+        gain = trained["top1"] - baseline["top1"]
         rows[name] = {"encoder": trained["encoder"], "pretrained_top1": trained["top1"],
-                      "random_top1": baseline["top1"], "gain": round(trained["top1"] - baseline["top1"], 2),
+                      "random_top1": baseline["top1"], "gain": round(gain, 2), "standard_error": round(se, 2),
+                      "beats_random": gain > 3 * se, "order_sensitivity": round(sens[0], 5),
+                      "random_order_sensitivity": round(sens[1], 5), "monitor": _curves(work / "runs" / name),
                       "seconds": round(time.time() - t0, 1)}
+        knn = rows[name]["monitor"]["knn_top1"]
         print(f"{name:7s} {trained['encoder']:22s} pretrained {trained['top1']:6.2f} %   random init "
-              f"{baseline['top1']:6.2f} %   ({rows[name]['seconds']:.0f} s)", flush=True)
+              f"{baseline['top1']:6.2f} %   gain {gain:+.1f} (SE {se:.1f}{', > 3 SE' if gain > 3 * se else ''})   "
+              f"order sensitivity {sens[0]:.4f} (random {sens[1]:.4f})   monitor kNN "
+              f"{' → '.join(f'{v:.0f}' for _, v in knn[::max(len(knn) // 4, 1)]) or '-'}   "
+              f"({rows[name]['seconds']:.0f} s)", flush=True)
     stages.close()
     result = {"task": f"{a.task} direction (2 classes, chance 50 %)", "train_clips": a.train_clips,
               "val_clips": a.val_clips, "pretrain_steps": a.steps, "probe_steps": a.probe_steps, "batch": a.batch,
