@@ -201,6 +201,24 @@ def test_temporal_clips_are_labelled_by_direction_only(tmp_path):
     assert np.array_equal(right[::-1], left) and not np.array_equal(right, left)  # reversed, exactly
 
 
+def test_order_sensitivity_is_zero_for_a_frame_order_blind_encoder(tmp_path):
+    """The temporal benchmark's label-free measure: an image ViT pooled over frames cannot see frame order (exactly
+    0: reversing the clip permutes its tokens), a video ViT with time positions can (> 0)."""
+    from vssl_ds.config.schema import ModelConfig
+    from vssl_ds.data.synthetic import write_synthetic_shards
+    from vssl_ds.tools.temporal import order_sensitivity
+
+    val = write_synthetic_shards(tmp_path / "val", clips=8, shards=2, frames=16, size=48, seed=3, task="drift")
+    values = {}
+    for name, kw in (("vit2d_micro_patch16", dict(img_size=32, patch=8)),
+                     ("vit_micro_video", dict(img_size=32, patch=8, num_frames=8))):
+        torch.manual_seed(0)
+        m = ModelConfig(name=name, **kw)
+        save_exported(create_model(name, **kw), m, {}, tmp_path / f"{name}.safetensors", {"method": "x", "step": 0})
+        values[name] = order_sensitivity(str(tmp_path / f"{name}.safetensors"), str(val))
+    assert values["vit2d_micro_patch16"] < 1e-9 < 1e-4 < values["vit_micro_video"]
+
+
 def test_hf_export_loads_in_transformers_with_the_same_outputs(pretrained, tmp_path):
     """tools/export.py --format hf on the ZeRO-3 run: transformers.VideoMAEModel.from_pretrained loads the folder and
     its last_hidden_state is vssl_ds's encoder output on the same clip; the folder loads back as model.pretrained."""

@@ -77,21 +77,27 @@ def render_silhouette_clip(rng: np.random.Generator, label: int, frames: int, si
     return out
 
 
+def _plain_background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Flat grey with light static noise (one draw per clip, so a clip played backwards is a clip of the same
+    draw).  # [H,W,3] float"""
+    return 128.0 + rng.normal(0, 4, (size, size, 3))
+
+
 def render_orbit_clip(rng: np.random.Generator, label: int, frames: int, size: int) -> np.ndarray:
-    """A random shape circling a point, clockwise (label 0) or anticlockwise (1): every single frame, and the
-    set of frames, is alike in both classes; only their order tells them apart.  # [T,H,W,3] uint8"""
-    yy, xx = np.mgrid[:size, :size] / size
-    base = (0.5 + 0.25 * np.sin(6 * xx[..., None] + 4 * yy[..., None] + rng.uniform(0, 2 * np.pi, 3))) * 255
-    noise = rng.normal(0, 8, (size, size, 3))
+    """A shape of random kind and colour circling a point, clockwise (label 0) or anticlockwise (1), over flat grey:
+    every single frame, and the set of frames, is alike in both classes; only their order tells them apart.
+    (The background was a noisy colour texture until 2026-12: it hid the motion so well that even a supervised
+    micro ViT stayed near chance; docs/BENCHMARKS.md.)  # [T,H,W,3] uint8"""
+    base = _plain_background(rng, size)
     shape, color = SHAPES[int(rng.integers(len(SHAPES)))], rng.integers(0, 256, 3)
-    r = int(rng.integers(size // 10, size // 6))
+    r = int(rng.integers(size // 8, size // 5))
     orbit = rng.uniform(size / 6, size / 3 - r / 2)
     centre = size / 2 + rng.uniform(-1, 1, 2) * (size / 2 - orbit - r)
     omega = rng.uniform(0.12, 0.25) * (-1 if label == 0 else 1)  # radians per frame; y grows downwards
     phase = rng.uniform(0, 2 * np.pi)
     out = np.empty((frames, size, size, 3), np.uint8)
     for t in range(frames):
-        canvas = np.clip(base + noise, 0, 255)
+        canvas = np.clip(base, 0, 255)
         a = phase + omega * t
         _draw(canvas, shape, centre[0] + orbit * np.sin(a), centre[1] + orbit * np.cos(a), r, color)
         out[t] = canvas.astype(np.uint8)
@@ -99,21 +105,19 @@ def render_orbit_clip(rng: np.random.Generator, label: int, frames: int, size: i
 
 
 def render_drift_clip(rng: np.random.Generator, label: int, frames: int, size: int) -> np.ndarray:
-    """A random shape drifting right (label 0) or left (1) at constant speed across a fixed background: a clip
-    of one class played backwards is a clip of the other, so only the order of the frames tells them apart.
-    # [T,H,W,3] uint8"""
-    yy, xx = np.mgrid[:size, :size] / size
-    base = (0.5 + 0.25 * np.sin(6 * xx[..., None] + 4 * yy[..., None] + rng.uniform(0, 2 * np.pi, 3))) * 255
-    noise = rng.normal(0, 8, (size, size, 3))
+    """A shape of random kind and colour drifting right (label 0) or left (1) at constant speed over flat grey,
+    its path spanning half to all of the free width over the clip: a clip of one class played backwards is a clip
+    of the other, so only the order of the frames tells them apart.  # [T,H,W,3] uint8"""
+    base = _plain_background(rng, size)
     shape, color = SHAPES[int(rng.integers(len(SHAPES)))], rng.integers(0, 256, 3)
-    r = int(rng.integers(size // 10, size // 6))
+    r = int(rng.integers(size // 8, size // 5))
     speed = rng.uniform(0.5, 1.0) * (size - 2 * r) / frames  # the whole path stays inside the frame
     travel = speed * (frames - 1)
     x0 = rng.uniform(r, size - r - travel)
     y = rng.uniform(r, size - r)
     out = np.empty((frames, size, size, 3), np.uint8)
     for t in range(frames):
-        canvas = np.clip(base + noise, 0, 255)
+        canvas = np.clip(base, 0, 255)
         x = x0 + speed * t if label == 0 else x0 + travel - speed * t
         _draw(canvas, shape, y, x, r, color)
         out[t] = canvas.astype(np.uint8)
@@ -123,8 +127,8 @@ def render_drift_clip(rng: np.random.Generator, label: int, frames: int, size: i
 # what a generated clip's label means: the shape (over a textured background: the toy runs; alone on flat grey:
 # the embedded default), or the direction of motion (the temporal sanity benchmark, orbit or drift, where a
 # frame-order-blind encoder cannot beat chance)
-TASKS = {"shape": (render_clip, SHAPES), "silhouette": (render_silhouette_clip, SHAPES), "orbit": (render_orbit_clip, ("clockwise", "anticlockwise")),
-         "drift": (render_drift_clip, ("rightwards", "leftwards"))}
+TASKS = {"shape": (render_clip, SHAPES), "silhouette": (render_silhouette_clip, SHAPES),
+         "orbit": (render_orbit_clip, ("clockwise", "anticlockwise")), "drift": (render_drift_clip, ("rightwards", "leftwards"))}
 
 
 def encode_mp4(frames: np.ndarray, fps: int = 25, crf: int = 20, gop: int = 16) -> bytes:

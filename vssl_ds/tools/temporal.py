@@ -3,10 +3,14 @@
     vssl-benchmark temporal [--task orbit|drift] [--methods mae,vicmae,mvd,iboot,lstcl,bevt] [--steps 300]
 
 Generated labelled clips whose only difference between the two classes is the direction of a shape's motion
-(data/synthetic.py: `orbit` circles clockwise / anticlockwise, `drift` moves right / left): a clip of one class
-played backwards is a clip of the other, so every frame, and the set of frames, looks alike in both. Each method pretrains a tiny encoder on the training clips (labels unused), the encoder is exported,
-and a linear probe is trained on its frozen features; the same probe on the same architecture, randomly
-initialised, is the baseline. Every stage is the real command (pretrain.py, export, the linear probe) in a
+(data/synthetic.py: `orbit` circles clockwise / anticlockwise, `drift` moves right / left, over flat grey): a clip
+of one class played backwards is a clip of the other, so every frame, and the set of frames, looks alike in both.
+Each method pretrains a tiny encoder on the training clips (labels unused), the encoder is exported, and a linear
+probe is trained on its frozen features; the same probe on the same architecture, randomly initialised, is the
+baseline. Also per method: the monitor's curves during pretraining (kNN on labelled monitor clips, RankMe), and the
+order sensitivity of the pooled features (how far reversing a test clip moves its feature; see order_sensitivity).
+A supervised control (`supervised`: the MAE's architecture fine-tuned end to end on the labels, from its random
+initialisation) shows what the architecture can learn of the task in the same number of steps. Every stage is the real command (pretrain.py, export, the linear probe) in a
 subprocess, on CPU. MVD's teachers come from the MAE and ViC-MAE stages of the same run (the paper's two-stage
 path); iBoot's frozen image model is the ViC-MAE encoder; BEVT's tokenizer is k-means on the training frames.
 """
@@ -21,7 +25,8 @@ from pathlib import Path
 import torch
 
 VIT = ["model.name=vit_micro_video", "model.img_size=32", "model.num_frames=8", "model.patch=8"]
-DATA = ["data.size=32", "data.num_frames=8", "data.sampling_rate=2", "data.num_workers=1"]
+# no flip anywhere: a mirrored clip of one class is a clip of the other (as SSv2 is trained without flip)
+DATA = ["data.size=32", "data.num_frames=8", "data.sampling_rate=2", "data.num_workers=1", "data.flip=0"]
 METHODS = {  # name → (recipe, tiny overrides); "{...}" fields are filled from earlier stages
     "mae": ("tiny_mae", [*VIT, "method.mae.decoder_dim=64", "method.mae.decoder_depth=1", "method.mae.decoder_heads=2"]),
     "vicmae": ("vicmae_vit_b", ["model.name=vit2d_micro_patch16", "model.img_size=32", "model.patch=8",
@@ -59,6 +64,8 @@ def add_args(sub) -> None:
                                                                 "<= 2 points)")
     t.add_argument("--monitor-clips", type=int, default=256, help="labelled clips of the monitor's kNN curve during "
                                                                   "pretraining (another seed)")
+    t.add_argument("--no-supervised", dest="supervised", action="store_false",
+                   help="skip the supervised control (the MAE's architecture trained on the labels)")
     t.add_argument("--workdir", default="bench/temporal", help="shards, runs and results go to WORKDIR/TASK (kept; "
                                                                "finished stages are reused when rerun)")
     t.add_argument("--json", default="")
@@ -85,7 +92,8 @@ def _data(work: Path, a) -> dict:
                                ("monitor", a.monitor_clips, 14)):
         manifest = work / split / "manifest.json"
         if not manifest.is_file():
-            write_synthetic_shards(manifest.parent, clips=clips, shards=4, frames=32, size=48, seed=seed, task=a.task)
+            # 16 frames: the sampled clip (8 frames at stride 2) sees the whole path
+            write_synthetic_shards(manifest.parent, clips=clips, shards=4, frames=16, size=48, seed=seed, task=a.task)
         out[split] = manifest
     images = work / "images" / "manifest.json"
     if "bevt" in a.methods and not images.is_file():  # BEVT's image stream: single frames of the training clips
@@ -127,15 +135,21 @@ def _random_like(exported: str) -> str:
     return str(out)
 
 
-def _probe(work: Path, name: str, data: dict, a, weights: str) -> dict:
-    """Linear probe on the frozen features of the exported encoder `weights` → its results.json."""
+def _probe(work: Path, name: str, data: dict, a, weights: str, mode: str = "linear") -> dict:
+    """Linear probe on the frozen features of the exported encoder `weights` → its results.json. mode="finetune":
+    the supervised control instead: the whole encoder trained on the labels for as many steps as the pretraining
+    (the probe's clip view, no mixup: nothing that would blur the direction)."""
     run = work / "probes" / name
     if not (run / "results.json").is_file():
+        steps = a.steps if mode == "finetune" else a.probe_steps
         sets = [*DATA, f"data.train={data['train']}", f"eval.val={data['val']}", f"data.batch_size={a.batch}",
-                f"run.max_steps={a.probe_steps}", "optim.lr=1e-3", "optim.warmup_epochs=0", "optim.warmup_steps=20",
+                f"run.max_steps={steps}", "optim.lr=1e-3", "optim.warmup_epochs=0", "optim.warmup_steps=20",
                 "run.log_every=50", "run.ckpt_every=0", "eval.test_clips=2", "eval.test_crops=1",
                 f"run.out_dir={run.parent}", f"run.name={name}", f"eval.weights={weights}"]
-        _run(["-m", "vssl_ds.eval.run", "linear", "--config", "linear_probe", *_sets(sets)], work / f"probe_{name}.log")
+        if mode == "finetune":
+            sets += ["run.epochs=0", "data.view=clip", "eval.mixup=0", "eval.cutmix=0"]
+        recipe = {"linear": "linear_probe", "finetune": "finetune_vit_b"}[mode]
+        _run(["-m", "vssl_ds.eval.run", mode, "--config", recipe, *_sets(sets)], work / f"probe_{name}.log")
     return json.loads((run / "results.json").read_text())
 
 
@@ -224,7 +238,8 @@ def bench_temporal(a) -> dict:
     print(f"temporal sanity benchmark in {work}: {', '.join(a.methods)}", flush=True)
     from tqdm import tqdm
 
-    stages = tqdm(total=len(order) + 2 * len(a.methods), desc="temporal benchmark", unit="stage")
+    stages = tqdm(total=len(order) + 2 * len(a.methods) + int(a.supervised and "mae" in order),
+                  desc="temporal benchmark", unit="stage")
     for name in order:
         t0 = time.time()
         stages.set_postfix_str(f"pretraining {name}")
@@ -253,9 +268,18 @@ def bench_temporal(a) -> dict:
               f"order sensitivity {sens[0]:.4f} (random {sens[1]:.4f})   monitor kNN "
               f"{' → '.join(f'{v:.0f}' for _, v in knn[::max(len(knn) // 4, 1)]) or '-'}   "
               f"({rows[name]['seconds']:.0f} s)", flush=True)
+    control = None
+    if a.supervised and "mae" in filled:
+        stages.set_postfix_str("supervised control")
+        sup = _probe(work, "supervised", data, a, _random_like(filled["mae"]), mode="finetune")
+        control = {"encoder": sup["encoder"], "top1": sup["top1"], "steps": a.steps,
+                   "standard_error": round(_standard_error(sup["top1"], sup["videos"]), 2)}
+        print(f"supervised control: {sup['encoder']} trained on the labels from its random init, {a.steps} steps: "
+              f"{sup['top1']:.2f} %", flush=True)
+        stages.update()
     stages.close()
     result = {"task": f"{a.task} direction (2 classes, chance 50 %)", "train_clips": a.train_clips,
               "val_clips": a.val_clips, "pretrain_steps": a.steps, "probe_steps": a.probe_steps, "batch": a.batch,
-              "methods": {m: rows[m] for m in a.methods}}
+              "methods": {m: rows[m] for m in a.methods}, "supervised_control": control}
     (work / "results.json").write_text(json.dumps(result, indent=1))
     return result
