@@ -6,7 +6,7 @@
     vssl-benchmark cache [--student vit_small_video --image-teacher vit2d_base_patch16 --video-teacher vit_base_video]
     vssl-benchmark shards [--settings default,gop32,bframes0,fastdecode,short256,fps15]   (make_shards options)
     vssl-benchmark monitor [--recipes videomae_vit_b,lstcl_mocov3_vit_b] [--ranks 1,8,64]   (health monitor's share of compute)
-    vssl-benchmark temporal [--methods mae,vicmae,mvd,iboot,lstcl,bevt] [--steps 300]   (see temporal.py)
+    vssl-benchmark temporal [--methods mae,vicmae,mvd,iboot,lstcl,bevt] [--steps 1500]  (see temporal.py)
     vssl-benchmark gpu [--cpu] [--parts env,attention,mae,zero3,mvd,data,e2e] [--budget 480]   (see gpu_bench.py)
 
 `data`: clips/s of the vssl_ds pipeline (tar shards → decord → crop → mask, per-sample views) against a

@@ -1,6 +1,6 @@
 """The temporal sanity benchmark: does pretraining teach an encoder the order of frames?
 
-    vssl-benchmark temporal [--task orbit|drift] [--methods mae,vicmae,mvd,iboot,lstcl,bevt] [--steps 300]
+    vssl-benchmark temporal [--task drift|orbit] [--methods mae,vicmae,mvd,iboot,lstcl,bevt] [--steps 1500]
 
 Generated labelled clips whose only difference between the two classes is the direction of a shape's motion
 (data/synthetic.py: `orbit` circles clockwise / anticlockwise, `drift` moves right / left, over flat grey): a clip
@@ -54,10 +54,10 @@ def add_args(sub) -> None:
     t = sub.add_parser("temporal", help="linear probe after each method's pretraining vs random init, on clips "
                                         "that only frame order tells apart")
     t.add_argument("--methods", default=",".join(METHODS))
-    t.add_argument("--task", choices=["orbit", "drift"], default="orbit",
+    t.add_argument("--task", choices=["orbit", "drift"], default="drift",
                    help="orbit: a shape circles clockwise / anticlockwise; drift: it moves right / left")
-    t.add_argument("--steps", type=int, default=300, help="pretraining steps per method")
-    t.add_argument("--probe-steps", type=int, default=300)
+    t.add_argument("--steps", type=int, default=1500, help="pretraining steps per method")
+    t.add_argument("--probe-steps", type=int, default=800)
     t.add_argument("--batch", type=int, default=8)
     t.add_argument("--train-clips", type=int, default=256)
     t.add_argument("--val-clips", type=int, default=640, help="test clips of the probe (640: one standard error "
