@@ -181,6 +181,22 @@ def test_divided_vit_refuses_a_mask():
         model(torch.randn(1, 3, 4, 32, 32), torch.zeros(1, 16, dtype=torch.bool))
 
 
+def test_divided_vit_starts_as_timesformer_does():
+    """TimeSformer's initialisation: time table and every temporal_fc at zero, so a fresh model encodes each frame
+    on its own (a clip played backwards gives the same pooled features); the time table gets no weight decay."""
+    from vssl_ds.methods.base import NO_DECAY_NAMES
+
+    torch.manual_seed(0)
+    model = create_model("vit_micro_divided_st", img_size=32, num_frames=4).eval()
+    assert not model.time_embed.any() and all(not b.temporal_fc.weight.any() for b in model.blocks)
+    x = torch.randn(2, 3, 4, 32, 32)
+    with torch.no_grad():
+        a, b = model(x), model(x.flip(2))  # [B,1+T*S,D] tokens; frames reversed
+    assert torch.allclose(a[:, 0], b[:, 0], atol=1e-5)  # CLS, averaged over frames
+    assert torch.allclose(a[:, 1:].mean(1), b[:, 1:].mean(1), atol=1e-5)
+    assert any(k in "time_embed" for k in NO_DECAY_NAMES)
+
+
 def test_unknown_model_suggests_the_nearest():
     with pytest.raises(ValueError, match="did you mean 'swin3d_base'"):
         create_model("swin3d_bsae")

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from ..data.batch import Batch
 
-NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token", "relative_position_bias_table", "dist_token")
+NO_DECAY_NAMES = ("pos_embed", "time_embed", "cls_token", "mask_token", "relative_position_bias_table", "dist_token")
 
 
 @dataclass

@@ -67,9 +67,11 @@ class DividedViT(nn.Module):
                                     for r in rates)
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         init_weights(self)
-        for p in (self.cls_token, self.pos_embed, self.time_embed):
+        for p in (self.cls_token, self.pos_embed):
             nn.init.trunc_normal_(p, std=0.02)
-        for blk in self.blocks:  # TimeSformer starts each temporal branch as an identity
+        # TimeSformer leaves its time table at zero and starts each temporal branch as an identity: at initialisation
+        # every frame is encoded on its own (a reversed clip gives exactly the same pooled feature)
+        for blk in self.blocks:
             nn.init.zeros_(blk.temporal_fc.weight)
             nn.init.zeros_(blk.temporal_fc.bias)
 
