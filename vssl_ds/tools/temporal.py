@@ -10,9 +10,10 @@ probe is trained on its frozen features; the same probe on the same architecture
 baseline. Also per method: the monitor's curves during pretraining (kNN on labelled monitor clips, RankMe), and the
 order sensitivity of the pooled features (how far reversing a test clip moves its feature; see order_sensitivity).
 A supervised control (`supervised`: the MAE's architecture fine-tuned end to end on the labels, from its random
-initialisation) shows what the architecture can learn of the task in the same number of steps. Every stage is the real command (pretrain.py, export, the linear probe) in a
-subprocess, on CPU. MVD's teachers come from the MAE and ViC-MAE stages of the same run (the paper's two-stage
-path); iBoot's frozen image model is the ViC-MAE encoder; BEVT's tokenizer is k-means on the training frames.
+initialisation) shows what the architecture can learn of the task in the same number of steps. Every stage is the
+real command (pretrain.py, export, the linear probe) in a subprocess, on CPU. MVD's teachers come from the MAE and
+ViC-MAE stages of the same run (the paper's two-stage path); iBoot's frozen image model is the ViC-MAE encoder;
+BEVT's tokenizer is k-means on the training frames.
 """
 from __future__ import annotations
 
@@ -21,8 +22,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-
-import torch
 
 VIT = ["model.name=vit_micro_video", "model.img_size=32", "model.num_frames=8", "model.patch=8"]
 # no flip anywhere: a mirrored clip of one class is a clip of the other (as SSv2 is trained without flip)
@@ -172,27 +171,27 @@ def _pretrain(work: Path, name: str, data: dict, a, filled: dict) -> str:
     return str(out)
 
 
-@torch.no_grad()
 def order_sensitivity(weights: str, spec: str) -> float:
     """How far an encoder's pooled feature of a test clip moves when the clip's frames are played backwards (which
     turns it into a clip of the other class), relative to how far apart two different test clips lie: mean over
     clips of ||f(x) - f(reversed x)||² / mean over pairs of ||f(x) - f(y)||², every feature dimension standardised
     over the clips first (as the probe's BatchNorm does). 0: the pooled features cannot see frame order, so no
     probe on them can beat chance here; label-free, and measured the same way on the random initialisation."""
-    from ..config.schema import Config
+    import torch
+
+    from ..config import load_config
     from ..eval.classifier import pooled
     from ..eval.testing import view_batches
     from ..models.exported import load_exported
 
     encoder, _ = load_exported(weights, attn_backend="sdpa")
     encoder.eval()
-    cfg = Config()
-    for key, value in (("size", 32), ("num_frames", 8), ("sampling_rate", 2), ("num_workers", 1)):
-        setattr(cfg.data, key, value)
+    cfg = load_config("linear_probe", DATA)  # the probe's test views
     forward, backward = [], []
-    for video, _, _, _ in view_batches(spec, cfg, 1, 1, torch.device("cpu"), 32):
-        forward.append(pooled(encoder, video, cfg.eval.pool).double())
-        backward.append(pooled(encoder, video.flip(2), cfg.eval.pool).double())  # [B,C,T,H,W]: T reversed
+    with torch.no_grad():
+        for video, _, _, _ in view_batches(spec, cfg, 1, 1, torch.device("cpu"), 32):
+            forward.append(pooled(encoder, video, cfg.eval.pool).double())
+            backward.append(pooled(encoder, video.flip(2), cfg.eval.pool).double())  # [B,C,T,H,W]: T reversed
     f, r = torch.cat(forward), torch.cat(backward)
     mean, std = f.mean(0), f.std(0).clamp_min(1e-12)
     f, r = (f - mean) / std, (r - mean) / std
@@ -251,10 +250,11 @@ def bench_temporal(a) -> dict:
         trained = _probe(work, name, data, a, filled[name])
         stages.update()
         stages.set_postfix_str(f"probing {name}'s random init")
-        baseline = _probe(work, f"random_{name}", data, a, _random_like(filled[name]))
+        random_init = _random_like(filled[name])
+        baseline = _probe(work, f"random_{name}", data, a, random_init)
         stages.update()
         stages.set_postfix_str(f"order sensitivity of {name}")
-        sens = [order_sensitivity(w, str(data["val"])) for w in (filled[name], _random_like(filled[name]))]
+        sens = [order_sensitivity(w, str(data["val"])) for w in (filled[name], random_init)]
         se = max(_standard_error(r["top1"], r["videos"]) for r in (trained, baseline))
         gain = trained["top1"] - baseline["top1"]
         rows[name] = {"encoder": trained["encoder"], "pretrained_top1": trained["top1"],
