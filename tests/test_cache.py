@@ -218,7 +218,7 @@ def test_each_clip_is_decoded_once_for_all_its_views(shards, monkeypatch):
         rng = ct._view_rng(cfg.run.seed, k, raw["__key__"])
         chosen = []
 
-        def pick(n):  # drawn once (decord cannot read 48-px clips: PyAV, the fallback, asks again)
+        def pick(n):  # drawn once (a fallback decoder, e.g. for a clip the first cannot read, asks again)
             chosen[:] = chosen or view.pick(n, rng)
             return np.concatenate(chosen)
 

@@ -51,7 +51,7 @@ class DataConfig:
     short_video: str = "loop"  # clip shorter than num_frames*sampling_rate: loop | pad | skip
     shuffle_buffer: int = 256  # samples held per worker for shuffling (raw bytes: ~1 MB per 10 s clip at 320p)
     resampled: bool = False  # draw shards with replacement; the epoch length is epoch_size (or the manifest total)
-    decoder: str = "decord"  # decord | pyav | torchcodec (the others serve as fallbacks)
+    decoder: str = "pyav"  # pyav | decord | torchcodec (the others serve as fallbacks); pyav measures fastest per core
     decode_device: str = "cpu"  # cpu | cuda: videos decoded by torchcodec on the rank's GPU (NVDEC) and cropped,
     # resized and masked there; the workers only draw the frames, crops and masks (same as on the CPU path)
     view: str = "clip"  # clip | scale_crop | long_short | frame_pair | finetune | image (BEVT image-only stage; see data/views.py)

@@ -1,6 +1,7 @@
-"""Video decoding from in-memory bytes (shard members). decord is the default; PyAV is the fallback
-for the clips decord cannot read (it fails on some frame widths, e.g. 48 px) and an option of its own;
-torchcodec is used when installed and asked for. All three return the same frames (tests)."""
+"""Video decoding from in-memory bytes (shard members). PyAV is the default: it seeks to keyframes and skips the
+frames nobody references, and measures fastest per core on make_shards output (docs/BENCHMARKS.md). decord is its
+fallback (and an option of its own; it cannot read some frame widths, e.g. 48 px); torchcodec is used when
+installed and asked for. All three return the same frames (tests)."""
 from __future__ import annotations
 
 import io
@@ -31,11 +32,14 @@ def decode_decord(data: bytes, pick: Pick) -> tuple[np.ndarray, np.ndarray]:
     return indices, frames
 
 
-def decode_pyav(data: bytes, pick: Pick, stats: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+def decode_pyav(data: bytes, pick: Pick, stats: dict | None = None, skip: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """PyAV, one codec thread, seeking to the keyframe before each run of wanted frames (frames are found by
-    their presentation timestamps, read from the packets without decoding). A stream whose timestamps are
-    missing or repeated is decoded sequentially instead. `stats["decoded"]` (if given) counts the frames the
-    codec decoded, wanted or not. → (indices [T], frames [T,H,W,C] uint8)"""
+    their presentation timestamps, read from the packets without decoding). Between wanted frames the codec
+    skips the frames that no other frame references (`skip`: FFmpeg's skip_frame=NONREF, set per packet; with
+    B-frames, as make_shards writes by default, that is about a third of the frames decoded, and the wanted
+    frames are bit-identical, tested). A stream whose timestamps are missing or repeated is decoded sequentially
+    instead, every frame. `stats["decoded"]` (if given) counts the frames the codec returned, wanted or not.
+    → (indices [T], frames [T,H,W,C] uint8)"""
     import av
 
     try:
@@ -50,7 +54,8 @@ def decode_pyav(data: bytes, pick: Pick, stats: dict | None = None) -> tuple[np.
             keys = sorted(p for p, key in packets if key)
             if not keys or keys[0] != pts[0]:
                 return _pyav_sequential(container, pick, stats)
-            kept = _pyav_seeking(container, stream, [pts[i] for i in sorted(set(indices.tolist()))], keys, stats)
+            wanted = [pts[i] for i in sorted(set(indices.tolist()))]
+            kept = _pyav_seeking(container, stream, wanted, keys, stats, skip)
             missing = [int(i) for i in indices if pts[i] not in kept]
             if missing:  # a decoder delay or an open GOP hid a frame from the seek: take the sure way, with the
                 return _pyav_sequential(container, lambda n: indices, stats)  # same indices (pick draws once)
@@ -59,8 +64,13 @@ def decode_pyav(data: bytes, pick: Pick, stats: dict | None = None) -> tuple[np.
         raise DecodeError(f"pyav: {e}") from None
 
 
-def _pyav_seeking(container, stream, wanted: list[int], keys: list[int], stats=None) -> dict[int, np.ndarray]:
-    """{pts: frame} of the `wanted` timestamps (ascending): one seek per keyframe interval that holds some."""
+def _pyav_seeking(container, stream, wanted: list[int], keys: list[int], stats=None,
+                  skip: bool = True) -> dict[int, np.ndarray]:
+    """{pts: frame} of the `wanted` timestamps (ascending). A seek to the keyframe before a target that lies behind
+    the decoder or further ahead than the next keyframe; a target in the next keyframe interval is decoded on to
+    (with `skip`, going on costs only the reference frames between; a seek would decode again the keyframe that
+    the decoder, a few frames ahead of its output for B-frames, has often decoded already). Without `skip`: a seek
+    for every keyframe interval that holds a target."""
     import bisect
 
     want, kept, frames, last = set(wanted), {}, None, None  # last: newest pts decoded since the last seek
@@ -68,9 +78,14 @@ def _pyav_seeking(container, stream, wanted: list[int], keys: list[int], stats=N
         if target in kept:
             continue
         key = keys[bisect.bisect_right(keys, target) - 1]  # the keyframe at or before the target
-        if frames is None or last is None or target < last or key > last:  # behind us, or a GOP or more ahead
+        if last is not None and skip:
+            after = bisect.bisect_right(keys, last)  # the first keyframe after the newest frame decoded
+            ahead = after < len(keys) and key > keys[after]
+        else:
+            ahead = last is not None and key > last
+        if frames is None or last is None or target < last or ahead:
             container.seek(key, stream=stream, backward=True, any_frame=False)
-            frames, last = container.decode(stream), None
+            frames, last = _decode_packets(container, stream, want if skip else None), None
         for frame in frames:
             if stats is not None:
                 stats["decoded"] = stats.get("decoded", 0) + 1
@@ -84,10 +99,24 @@ def _pyav_seeking(container, stream, wanted: list[int], keys: list[int], stats=N
     return kept
 
 
+def _decode_packets(container, stream, want: set | None):
+    """The frames decoded from the packets that follow the last seek. With `want` (timestamps): a packet whose
+    frame is not wanted is decoded with skip_frame=NONREF, so a frame that nothing references is not decoded
+    (a reference frame always is: the wanted frames decode exactly as without skipping). The codec runs one
+    thread, so each packet is decoded inside its own `decode` call, under the setting made for it."""
+    codec = stream.codec_context
+    for packet in container.demux(stream):
+        if want is not None and packet.pts is not None:  # the end-of-stream flush packet has no timestamp
+            codec.skip_frame = "DEFAULT" if packet.pts in want else "NONREF"
+        yield from codec.decode(packet)
+
+
 def _pyav_sequential(container, pick: Pick, stats=None) -> tuple[np.ndarray, np.ndarray]:
     """Decode from the start up to the last wanted frame (a stream without usable timestamps)."""
     container.seek(0)
     stream = container.streams.video[0]
+    stream.codec_context.skip_frame = "DEFAULT"  # frames are counted here: none may be skipped (a seeking try may
+    # have left NONREF set)
     count = stream.frames
     if count <= 0:  # no frame count in the header: decode everything once
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
@@ -186,10 +215,20 @@ def decoder_order(first: str) -> tuple[str, ...]:
     """The configured decoder, then the others as fallbacks (a fallback is counted, see the pipeline)."""
     if first not in DECODERS:
         raise ValueError(f"data.decoder '{first}' is not one of {sorted(DECODERS)}")
-    return (first, *[d for d in ("decord", "pyav") if d != first])
+    return (first, *[d for d in ("pyav", "decord") if d != first])
 
 
-def decode(data: bytes, pick: Pick, order=("decord", "pyav")) -> tuple[np.ndarray, np.ndarray, str]:
+def decoder_version(name: str) -> str:
+    """The installed version of a decoder's package (recorded with cached targets)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version({"pyav": "av"}.get(name, name))
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def decode(data: bytes, pick: Pick, order=("pyav", "decord")) -> tuple[np.ndarray, np.ndarray, str]:
     """Try the decoders in order; → (indices, frames, name of the decoder that succeeded)."""
     errors = []
     for name in order:

@@ -56,7 +56,7 @@ class ShardStream(IterableDataset):
     """
 
     def __init__(self, shards: list[Shard], view: View, batch_size: int, mask_fn=None, rank: int = 0,
-                 world: int = 1, seed: int = 0, decoders=("decord", "pyav"), shuffle_buffer: int = 0,
+                 world: int = 1, seed: int = 0, decoders=("pyav", "decord"), shuffle_buffer: int = 0,
                  resampled: bool = False, epoch_samples: int = 0, cache: str = "", cache_targets=(),
                  decode_device: str = "cpu"):
         if view.repeats > 1 and batch_size % view.repeats:

@@ -46,7 +46,7 @@ class EvalViews(IterableDataset):
     """Yields {"key", "label", "video": uint8 [V,T,H,W,C]} with V = clips × crops, each video once."""
 
     def __init__(self, spec: str, num_frames: int, stride: int, size: int, clips: int, crops: int,
-                 rank: int = 0, world: int = 1, decoder: str = "decord", policy: str = "loop"):
+                 rank: int = 0, world: int = 1, decoder: str = "pyav", policy: str = "loop"):
         super().__init__()
         self.shards = resolve_shards(spec)[rank::world] if spec else []  # '': views() of given samples only
         self.num_frames, self.stride, self.size, self.clips, self.crops = num_frames, stride, size, clips, crops

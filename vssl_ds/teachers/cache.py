@@ -2,7 +2,7 @@
 
 A target shard has the video shard's name and, for each of its samples in the same order:
     key.views.json          {"views": [{"frames": [[...] per clip], "spatial": [{box,size,flip,...} per clip]}, ...],
-                             "decoder": "decord", "version": "0.6.0"}   (or {"error": "..."} when the clip failed)
+                             "decoder": "pyav", "version": "18.1.0"}   (or {"error": "..."} when the clip failed)
     key.v{k}.{name}.npy     targets of view k (fp16 [N,D]; int8 [N,D] + key.v{k}.{name}_scale.npy fp16 [N,1];
                             uint16 [N] token ids; for iBoot, fp16 [T,D] frame embeddings of each clip)
 The manifest fingerprints everything that defines the targets; a run whose teacher spec differs is refused.

