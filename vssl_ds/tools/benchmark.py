@@ -350,7 +350,8 @@ def decoder_ceilings(paths: list[str], frames: int, stride: int, seconds: float,
             "pyav_from_start": sequential, "torchcodec": dec.decode_torchcodec}
     runs = {k: v for k, v in runs.items() if which is None or k in which}
     out = {}
-    print(f"decoders alone ({frames} frames at stride {stride}, {len(datas)} clips, frames per CPU-second):", flush=True)
+    print(f"decoders alone ({frames} frames at stride {stride}, {len(datas)} clips, frames per CPU-second):",
+          flush=True)
     for name, fn in runs.items():
         try:
             fn(datas[0], pick_at(0))
