@@ -67,10 +67,10 @@ def decode_pyav(data: bytes, pick: Pick, stats: dict | None = None, skip: bool =
 def _pyav_seeking(container, stream, wanted: list[int], keys: list[int], stats=None,
                   skip: bool = True) -> dict[int, np.ndarray]:
     """{pts: frame} of the `wanted` timestamps (ascending). A seek to the keyframe before a target that lies behind
-    the decoder or further ahead than the next keyframe; a target in the next keyframe interval is decoded on to
-    (with `skip`, going on costs only the reference frames between; a seek would decode again the keyframe that
-    the decoder, a few frames ahead of its output for B-frames, has often decoded already). Without `skip`: a seek
-    for every keyframe interval that holds a target."""
+    the decoder or in a later keyframe interval; except, in a stream with B-frames (when `skip`), for a target in
+    the next interval: that one is decoded on to (going on costs only the reference frames between, while a seek
+    would decode again the keyframe that the decoder, a few frames ahead of its output, has often decoded already).
+    """
     import bisect
 
     want, kept, frames, last = set(wanted), {}, None, None  # last: newest pts decoded since the last seek
@@ -78,7 +78,7 @@ def _pyav_seeking(container, stream, wanted: list[int], keys: list[int], stats=N
         if target in kept:
             continue
         key = keys[bisect.bisect_right(keys, target) - 1]  # the keyframe at or before the target
-        if last is not None and skip:
+        if last is not None and skip and getattr(stream.codec_context, "has_b_frames", False):
             after = bisect.bisect_right(keys, last)  # the first keyframe after the newest frame decoded
             ahead = after < len(keys) and key > keys[after]
         else:
@@ -107,7 +107,10 @@ def _decode_packets(container, stream, want: set | None):
     codec = stream.codec_context
     for packet in container.demux(stream):
         if want is not None and packet.pts is not None:  # the end-of-stream flush packet has no timestamp
-            codec.skip_frame = "DEFAULT" if packet.pts in want else "NONREF"
+            try:
+                codec.skip_frame = "DEFAULT" if packet.pts in want else "NONREF"
+            except (AttributeError, TypeError, ValueError):  # a PyAV that cannot set it: decode every frame
+                want = None
         yield from codec.decode(packet)
 
 
