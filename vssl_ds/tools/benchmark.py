@@ -269,7 +269,8 @@ def bench_data(args) -> dict:
     result["setup"] = {"workers": args.workers, "frames": args.frames, "stride": args.stride, "size": args.size,
                        "encode": args.encode, "short_side": args.short_side, "clips": len(paths), "cpu": platform.processor() or
                        platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__}
-    result["decoders"] = decoder_ceilings(paths, args.frames, args.stride, max(args.seconds / 3, 2.0))
+    ceiling_s = 4 * max(args.seconds / 3, 2.0)  # about a third of a pipeline's time for each of 4 decoders
+    result["decoders"] = decoder_ceilings(paths, args.frames, args.stride, ceiling_s)
     return result
 
 
@@ -282,7 +283,8 @@ SHARD_SETTINGS = {"default": [], "gop8": ["--gop", "8"], "gop32": ["--gop", "32"
 
 def bench_shards(args) -> dict:
     """Each make_shards setting on the same source: bytes per second of video, and each decoder's delivered frames
-    per CPU-second with the pipeline's frame picks (`frames` at `stride` from a random start)."""
+    per CPU-second with the pipeline's frame picks (`frames` at `stride` from a random start), every setting and
+    decoder timed on the same clip in turn (see `decoder_ceilings`)."""
     from ..data.synthetic import write_demo_source
     from .make_shards import main as make_shards
 
@@ -290,29 +292,33 @@ def bench_shards(args) -> dict:
     csv = root / "source" / "clips.csv"
     if not csv.exists():
         csv = write_demo_source(root / "source", generated=args.clips, segment=args.segment, size=320, frames=100)
-    unknown = [n for n in args.settings.split(",") if n not in SHARD_SETTINGS]
+    names, decoders = args.settings.split(","), args.decoders.split(",")
+    unknown = [n for n in names if n not in SHARD_SETTINGS]
     if unknown:
         raise SystemExit(f"error: --settings {unknown} not among {sorted(SHARD_SETTINGS)}")
     out = {"setup": {"frames": args.frames, "stride": args.stride, "cpu": platform.processor() or platform.machine(),
                      "cores": os.cpu_count(), "decoders": args.decoders}}
-    for name in args.settings.split(","):
+    paths = {}
+    for name in names:
         shards = root / name
         if not (shards / "manifest.json").exists():
             make_shards([str(csv), str(shards), "--shard-size", "64MB", "--workers",
                          str(max(1, (os.cpu_count() or 2) - 1)), *SHARD_SETTINGS[name]])
-        paths, seconds = _shard_files(shards, root / f"{name}-files")
-        size = sum(Path(p).stat().st_size for p in paths)
-        print(f"{name}: {len(paths)} clips, {size / 1e6:.2f} MB, {seconds:.0f} s of video", flush=True)
-        row = {"options": SHARD_SETTINGS[name], "clips": len(paths), "bytes": size, "video_seconds": round(seconds, 1),
-               "kbit_per_s": round(8 * size / max(seconds, 1e-9) / 1000, 1),
-               "decoders": decoder_ceilings(paths, args.frames, args.stride, args.seconds, args.decoders.split(","))}
-        out[name] = row
+        paths[name], seconds = _shard_files(shards, root / f"{name}-files")
+        size = sum(Path(p).stat().st_size for p in paths[name])
+        print(f"{name}: {len(paths[name])} clips, {size / 1e6:.2f} MB, {seconds:.0f} s of video", flush=True)
+        out[name] = {"options": SHARD_SETTINGS[name], "clips": len(paths[name]), "bytes": size,
+                     "video_seconds": round(seconds, 1), "kbit_per_s": round(8 * size / max(seconds, 1e-9) / 1000, 1)}
+    timed = decoder_ceilings(paths, args.frames, args.stride, args.seconds * len(names) * len(decoders),
+                             decoders)
+    for name in names:
+        out[name]["decoders"] = timed[name]
     base = out.get("default")
-    print(f"\n{'setting':30s} {'kbit/s':>8s} " + " ".join(f"{d + ' fr/CPU-s':>18s}" for d in args.decoders.split(",")))
-    for name in args.settings.split(","):
+    print(f"\n{'setting':30s} {'kbit/s':>8s} " + " ".join(f"{d + ' fr/CPU-s':>18s}" for d in decoders))
+    for name in names:
         row = out[name]
         cells = []
-        for d in args.decoders.split(","):
+        for d in decoders:
             v = row["decoders"].get(d, {}).get("frames_per_cpu_s")
             rel = f" ({v / base['decoders'][d]['frames_per_cpu_s']:.2f}x)" if base and v and base is not row else ""
             cells.append(f"{v if v is not None else '-':>10}{rel:8s}")
@@ -321,12 +327,16 @@ def bench_shards(args) -> dict:
     return out
 
 
-def decoder_ceilings(paths: list[str], frames: int, stride: int, seconds: float, which=None) -> dict:
+def decoder_ceilings(paths, frames: int, stride: int, seconds: float, which=None) -> dict:
     """Each decoder alone, in this process, on the same clips and the same frame picks (one clip of `frames` at
-    `stride` from a random start): delivered frames per CPU-second (process time: the cost per core)."""
+    `stride` from a random start): delivered frames per CPU-second (process time: the cost per core). The decoders
+    take turns clip by clip, so a slow spell of a shared machine weighs on all of them alike; `seconds` is their
+    total. `paths` may be {setting: paths} (the same sources encoded several ways, taking turns too) → {setting:
+    {decoder: figures}}; a plain list → {decoder: figures}."""
     from ..data import decode as dec
 
-    datas = [Path(p).read_bytes() for p in paths]
+    sets = paths if isinstance(paths, dict) else {"": paths}
+    datas = {name: [Path(p).read_bytes() for p in ps] for name, ps in sets.items()}
     rng = np.random.default_rng(0)
     starts = rng.random(4096)
 
@@ -337,48 +347,63 @@ def decoder_ceilings(paths: list[str], frames: int, stride: int, seconds: float,
             return np.minimum(first + np.arange(frames) * stride, n - 1)
         return pick
 
-    def sequential(data, pick):  # the PyAV path before keyframe seeking: from frame 0, one codec thread
+    def sequential(data, pick, stats):  # the PyAV path before keyframe seeking: from frame 0, one codec thread
         import av
 
         with av.open(io.BytesIO(data)) as container:
             container.streams.video[0].codec_context.thread_count = 1
-            return dec._pyav_sequential(container, pick)
+            return dec._pyav_sequential(container, pick, stats)
 
-    stats: dict[str, dict] = {"pyav": {}, "pyav_no_skip": {}}
-    runs = {"decord": dec.decode_decord, "pyav": lambda data, pick: dec.decode_pyav(data, pick, stats["pyav"]),
-            "pyav_no_skip": lambda data, pick: dec.decode_pyav(data, pick, stats["pyav_no_skip"], skip=False),
-            "pyav_from_start": sequential, "torchcodec": dec.decode_torchcodec}
+    runs = {"decord": lambda data, pick, stats: dec.decode_decord(data, pick),
+            "pyav": lambda data, pick, stats: dec.decode_pyav(data, pick, stats),
+            "pyav_no_skip": lambda data, pick, stats: dec.decode_pyav(data, pick, stats, skip=False),
+            "pyav_from_start": sequential,
+            "torchcodec": lambda data, pick, stats: dec.decode_torchcodec(data, pick)}
     runs = {k: v for k, v in runs.items() if which is None or k in which}
-    out = {}
-    print(f"decoders alone ({frames} frames at stride {stride}, {len(datas)} clips, frames per CPU-second):",
-          flush=True)
+    out: dict = {name: {} for name in sets}
+    live = []
     for name, fn in runs.items():
         try:
-            fn(datas[0], pick_at(0))
+            fn(datas[next(iter(sets))][0], pick_at(0), {})
         except Exception as e:  # noqa: BLE001 - a decoder that cannot run here is reported, not fatal
-            out[name] = {"error": str(e)[:200]}
+            for setting in sets:
+                out[setting][name] = {"error": str(e)[:200]}
             continue
-        k, delivered, t0 = 0, 0, time.process_time()
-        for s in stats.values():
-            s.clear()
-        while time.process_time() - t0 < seconds:
+        live += [(setting, name) for setting in sets]
+    cpu = dict.fromkeys(live, 0.0)
+    delivered, clips, decoded = dict.fromkeys(live, 0), dict.fromkeys(live, 0), dict.fromkeys(live, 0)
+    k = 0
+    print(f"decoders alone ({frames} frames at stride {stride}, {sum(map(len, datas.values()))} clips, taking turns "
+          f"for {seconds:.0f} CPU-s):", flush=True)
+    while live and sum(cpu.values()) < seconds:
+        for setting, name in live:
+            data, stats = datas[setting][k % len(datas[setting])], {}
+            t0 = time.process_time()
             try:
-                delivered += len(fn(datas[k % len(datas)], pick_at(k))[0])
+                delivered[setting, name] += len(runs[name](data, pick_at(k), stats)[0])
             except dec.DecodeError:
                 pass
-            k += 1
-        cpu = time.process_time() - t0
-        out[name] = {"frames_per_cpu_s": round(delivered / cpu, 1), "clips": k}
-        if name in stats and delivered:  # what seeking costs: frames decoded (keyframe → target) per frame used
-            out[name]["decoded_per_delivered"] = round(stats[name].get("decoded", 0) / delivered, 2)
-        print(f"  {name:16s} {out[name]['frames_per_cpu_s']:8.1f}" + (
-            f"  ({out[name]['decoded_per_delivered']} frames decoded per frame delivered)"
-            if "decoded_per_delivered" in out[name] else ""), flush=True)
-    if "frames_per_cpu_s" in out.get("pyav", {}) and "frames_per_cpu_s" in out.get("decord", {}):
-        out["pyav_over_decord"] = round(out["pyav"]["frames_per_cpu_s"] / out["decord"]["frames_per_cpu_s"], 2)
-        print(f"  pyav (keyframe seeking, unreferenced frames skipped) / decord per core = {out['pyav_over_decord']}x",
-              flush=True)
-    return out
+            cpu[setting, name] += time.process_time() - t0
+            clips[setting, name] += 1
+            decoded[setting, name] += stats.get("decoded", 0)
+        k += 1
+    for setting, name in live:
+        row = {"frames_per_cpu_s": round(delivered[setting, name] / max(cpu[setting, name], 1e-9), 1),
+               "clips": clips[setting, name]}
+        if decoded[setting, name] and delivered[setting, name]:  # frames decoded (keyframe → target) per frame used
+            row["decoded_per_delivered"] = round(decoded[setting, name] / delivered[setting, name], 2)
+        out[setting][name] = row
+    for setting, rows in out.items():
+        for name, row in rows.items():
+            extra = (f"  ({row['decoded_per_delivered']} frames decoded per frame delivered)"
+                     if "decoded_per_delivered" in row else "")
+            print(f"  {setting + ' ' if setting else ''}{name:16s} "
+                  f"{row.get('frames_per_cpu_s', row.get('error', ''))}{extra}", flush=True)
+        if "frames_per_cpu_s" in rows.get("pyav", {}) and "frames_per_cpu_s" in rows.get("decord", {}):
+            rows["pyav_over_decord"] = round(rows["pyav"]["frames_per_cpu_s"] / rows["decord"]["frames_per_cpu_s"], 2)
+            print(f"  {setting + ' ' if setting else ''}pyav (keyframe seeking, unreferenced frames skipped) / decord "
+                  f"per core = {rows['pyav_over_decord']}x", flush=True)
+    return out if isinstance(paths, dict) else out[""]
 
 
 def _setup(args):
