@@ -114,6 +114,10 @@ def test_a_cache_of_another_teacher_spec_is_refused(setup):
                                     "method.mvd.norm_targets=true"])
     with pytest.raises(ValueError, match="norm_targets: cache False vs run True"):
         build_method(cfg)
+    cfg = load_config("mvd_vit_s", [*sets, "method.mvd.targets=cache", f"data.targets={root / 'targets'}",
+                                    "data.decoder=decord"])  # the cache was made with the default, pyav
+    with pytest.raises(ValueError, match="decoder: cache 'pyav' vs run 'decord'.*set data.decoder=pyav"):
+        build_method(cfg)
     with pytest.raises(SystemExit, match="another teacher spec"):
         cache_main([*args, "--set", "method.mvd.norm_targets=true"])
 

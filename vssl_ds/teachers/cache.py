@@ -67,8 +67,11 @@ def check_fingerprint(manifest: dict, expected: dict, where: str) -> None:
     diff = {k: (got.get(k), v) for k, v in expected.items() if got.get(k) != v}
     if diff:
         lines = "; ".join(f"{k}: cache {a!r} vs run {b!r}" for k, (a, b) in diff.items())
+        hint = ""
+        if "decoder" in diff and diff["decoder"][0]:  # the default decoder changed from decord to pyav (2026-12)
+            hint = f" (for the decoder alone: set data.decoder={diff['decoder'][0]} to use this cache as it is)"
         raise ValueError(f"teacher cache {where} was made for another teacher spec ({lines}). Rebuild it with "
-                         "tools/cache_teachers.py for this config, or set the method's targets=online")
+                         f"tools/cache_teachers.py for this config, or set the method's targets=online{hint}")
 
 
 def load_manifest(path: str | Path) -> dict:
