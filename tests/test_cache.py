@@ -142,7 +142,8 @@ def test_a_missing_entry_names_the_key_and_shard(setup, shards, tmp_path):
 def test_manifest_records_dims_views_and_shards(setup):
     root, _, _ = setup
     manifest = json.loads((root / "targets" / "targets.json").read_text())
-    assert manifest["views"] == 2 and manifest["dims"] == {"img": 64, "vid": 192} and len(manifest["shards"]["videos"]) == 8
+    assert manifest["views"] == 2 and manifest["dims"] == {"img": 64, "vid": 192}
+    assert len(manifest["shards"]["videos"]) == 8
     assert manifest["fingerprint"]["image_weights"] and manifest["fingerprint"]["layer"] == "last_block_no_final_norm"
 
 

@@ -147,3 +147,16 @@ def fault_stream():
         except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError and a ValueError
             continue
     return None
+
+
+def tb_scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    """A run's TensorBoard scalar `tag` (from RUN/tb) → [(step, value)] by step (a resumed run's last write wins)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    points = {}
+    for events in sorted((run_dir / "tb").glob("events.*")):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        acc.Reload()
+        if tag in acc.Tags()["scalars"]:
+            points.update({e.step: e.value for e in acc.Scalars(tag)})
+    return sorted(points.items())

@@ -370,7 +370,7 @@ def part_zero3(s, device) -> dict:
 
 
 def part_mvd(s, device) -> dict:
-    from .benchmark import bench_cache
+    from .bench_model import bench_cache
 
     student, image_teacher, video_teacher, batch = s["mvd"]
     args = argparse.Namespace(student=student, image_teacher=image_teacher, video_teacher=video_teacher, batch=batch,
@@ -442,21 +442,9 @@ def part_data(s, device, root: Path) -> dict:
     return out
 
 
-def tb_scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
-    """A run's TensorBoard scalar `tag` (from RUN/tb) → [(step, value)] by step (a resumed run's last write wins)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    points = {}
-    for events in sorted((run_dir / "tb").glob("events.*")):
-        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
-        acc.Reload()
-        if tag in acc.Tags()["scalars"]:
-            points.update({e.step: e.value for e in acc.Scalars(tag)})
-    return sorted(points.items())
-
-
 def part_e2e(s, device, root: Path) -> dict:
     """pretrain.py as a user runs it (one process on this device): stop at half-way with a checkpoint, resume."""
+    from ..logging import tb_scalars
     from ..models import create_model
 
     work = root / "e2e"

@@ -208,7 +208,7 @@ def _standard_error(top1: float, n: int) -> float:
 
 def _curves(run_dir: Path) -> dict:
     """The monitor's curves of a pretraining run: kNN top-1 on the labelled monitor clips and RankMe, by step."""
-    from .gpu_bench import tb_scalars
+    from ..logging import tb_scalars
 
     return {key: [[step, round(value, 3)] for step, value in tb_scalars(run_dir, f"monitor/{key}")]
             for key in ("knn_top1", "rankme")}
