@@ -213,13 +213,14 @@ def _empty():
 
 
 DECODERS = {"decord": decode_decord, "pyav": decode_pyav, "torchcodec": decode_torchcodec}
+DEFAULT_ORDER = ("pyav", "decord")  # data.decoder's default first, then its fallback
 
 
 def decoder_order(first: str) -> tuple[str, ...]:
     """The configured decoder, then the others as fallbacks (a fallback is counted, see the pipeline)."""
     if first not in DECODERS:
         raise ValueError(f"data.decoder '{first}' is not one of {sorted(DECODERS)}")
-    return (first, *[d for d in ("pyav", "decord") if d != first])
+    return (first, *[d for d in DEFAULT_ORDER if d != first])
 
 
 def decoder_version(name: str) -> str:
@@ -232,7 +233,7 @@ def decoder_version(name: str) -> str:
         return "not installed"
 
 
-def decode(data: bytes, pick: Pick, order=("pyav", "decord")) -> tuple[np.ndarray, np.ndarray, str]:
+def decode(data: bytes, pick: Pick, order=DEFAULT_ORDER) -> tuple[np.ndarray, np.ndarray, str]:
     """Try the decoders in order; → (indices, frames, name of the decoder that succeeded)."""
     errors = []
     for name in order:

@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .decode import DecodeError, decode, decode_torchcodec_on
+from .decode import DEFAULT_ORDER, DecodeError, decode, decode_torchcodec_on
 from .pipeline import _gather
 from .transforms import apply_view
 
@@ -25,7 +25,7 @@ Frames = Callable[[bytes, np.ndarray, torch.device], torch.Tensor]  # (video, in
 
 
 def decode_batch(encoded: list, device, decode_frames: Frames = decode_torchcodec_on,
-                 fallback=("pyav", "decord")) -> dict[str, torch.Tensor]:
+                 fallback=DEFAULT_ORDER) -> dict[str, torch.Tensor]:
     """[(video bytes, plan)] → {view name: [B,C,T,H,W] uint8 on `device`}. Repeats of one video in the batch share
     one decode. A video the device decoder cannot read is decoded on the CPU (the same frame indices) by the
     decoders its plan names (the run's data.decoder order), else by `fallback`, and moved to the device; one neither

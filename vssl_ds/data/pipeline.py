@@ -32,7 +32,7 @@ from webdataset.tariterators import tarfile_samples
 
 from ..logging import fault_stream
 from .batch import Batch
-from .decode import DecodeError, decode, decode_image, probe_layout
+from .decode import DEFAULT_ORDER, DecodeError, decode, decode_image, probe_layout
 from .sampling import ShortVideo
 from .shards import Shard, epoch_order, split
 from .sources import IMAGE_EXTS, VIDEO_EXTS
@@ -56,7 +56,7 @@ class ShardStream(IterableDataset):
     """
 
     def __init__(self, shards: list[Shard], view: View, batch_size: int, mask_fn=None, rank: int = 0,
-                 world: int = 1, seed: int = 0, decoders=("pyav", "decord"), shuffle_buffer: int = 0,
+                 world: int = 1, seed: int = 0, decoders=DEFAULT_ORDER, shuffle_buffer: int = 0,
                  resampled: bool = False, epoch_samples: int = 0, cache: str = "", cache_targets=(),
                  decode_device: str = "cpu"):
         if view.repeats > 1 and batch_size % view.repeats:
