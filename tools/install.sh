@@ -14,8 +14,10 @@ PY="${PYTHON:-python3}"
 # uv ignores pip's settings: hand it the local wheel folder (where the CPU torch wheel lies) explicitly
 FIND_LINKS=()
 [ -n "${PIP_FIND_LINKS:-}" ] && FIND_LINKS=(--find-links "$PIP_FIND_LINKS")
-# torch is pinned in the same resolve as everything else, so no dependency can pull another build
-.venv/bin/python -m uv pip install --python .venv/bin/python "${FIND_LINKS[@]}" \
+# torch is pinned in the same resolve as everything else, so no dependency can pull another build.
+# --compile-bytecode: uv writes no .pyc by default, and where PYTHONDONTWRITEBYTECODE is set (CI images, containers)
+# every process would then compile torch, deepspeed and sympy from source again: ~7 s of each start on 2 cores
+.venv/bin/python -m uv pip install --compile-bytecode --python .venv/bin/python "${FIND_LINKS[@]}" \
     "$TORCH_SPEC" "$TV_SPEC" -e ".[${EXTRAS}]"
 .venv/bin/python -c "import vssl_ds.models, deepspeed, decord, webdataset; print('vssl_ds installed in .venv')" 2>&1 \
     | grep -v "Setting accelerator to CPU"
