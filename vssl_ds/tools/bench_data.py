@@ -95,7 +95,7 @@ MFU = 0.40
 
 def cores_per_gpu(clips_per_cpu_s: float) -> dict[str, float]:
     """CPU cores (at this pipeline's clips per CPU-second) that feed one H100 training MAE at 40 % MFU."""
-    from .gpu_bench import DATASHEET_BF16_TFLOPS
+    from .gpu_parts import DATASHEET_BF16_TFLOPS
 
     return {m: round(MFU * DATASHEET_BF16_TFLOPS * 1e12 / f / clips_per_cpu_s, 1)
             for m, f in MAE_FLOPS_PER_CLIP.items()}
