@@ -14,13 +14,6 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-# CI's budget (30 minutes on 2 cores) leaves out a few multi-process cases whose code path another CI test already
-# takes; VSSL_TEST_THOROUGH=1 runs them too (each names the test that covers its path).
-def thorough(covered_by: str):
-    return pytest.mark.skipif(os.environ.get("VSSL_TEST_THOROUGH") != "1",
-                              reason=f"its path is covered by {covered_by}; VSSL_TEST_THOROUGH=1 runs it")
-
-
 # the tiny MAE every multi-process test runs: 8 frames of 32², 2x8x8 tubelets → 64 tokens
 TINY = [
     "model.name=vit_micro_video", "model.img_size=32", "model.num_frames=8", "model.patch=8",
