@@ -50,6 +50,7 @@ def x264_options(opt: EncodeOptions) -> dict[str, str]:
 
 def reencode_video(item: Item, opt: EncodeOptions) -> tuple[bytes, dict]:
     import av
+    from av.video.reformatter import VideoReformatter
 
     try:
         with av.open(item.path) as src:
@@ -65,6 +66,8 @@ def reencode_video(item: Item, opt: EncodeOptions) -> tuple[bytes, dict]:
             if opt.max_duration:
                 stop = min(stop, item.start + opt.max_duration)
             buf, count, next_t, size = io.BytesIO(), 0, item.start, None
+            scaler = VideoReformatter()  # one scaler for the video, one thread (parallelism is make_shards' workers):
+            # frame.reformat() would set up a new one, with a machine-sized thread pool, for every frame
             with av.open(buf, mode="w", format="mp4") as dst:
                 out = None
                 for frame in src.decode(stream):
@@ -82,7 +85,7 @@ def reencode_video(item: Item, opt: EncodeOptions) -> tuple[bytes, dict]:
                         out.height, out.width = size
                         out.pix_fmt = "yuv420p"
                         out.options = x264_options(opt)
-                    img = frame.reformat(width=size[1], height=size[0], format="yuv420p")
+                    img = scaler.reformat(frame, width=size[1], height=size[0], format="yuv420p", threads=1)
                     img.pts, img.time_base = count, 1 / out_rate  # frame counter: monotonic timestamps for the muxer
                     dst.mux(out.encode(img))
                     count += 1
