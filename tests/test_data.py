@@ -111,6 +111,21 @@ def test_pyav_reuses_one_colour_converter_across_videos_of_other_sizes_with_the_
         assert np.array_equal(got, want[name]), name
 
 
+def test_reformat_asks_for_one_thread_where_pyav_can_be_told_and_works_where_it_cannot():
+    from vssl_ds.data.decode import reformat_single_threaded
+
+    class Before17:  # PyAV < 17: no `threads` (its scaling runs on one thread)
+        def reformat(self, frame, width=None, height=None, format=None):
+            return frame, format
+
+    class From17:
+        def reformat(self, frame, width=None, height=None, format=None, threads=None):
+            return frame, format, threads
+
+    assert reformat_single_threaded(Before17(), "frame", format="rgb24") == ("frame", "rgb24")
+    assert reformat_single_threaded(From17(), "frame", format="rgb24") == ("frame", "rgb24", 1)
+
+
 _ENCODE = """
 import io, sys
 from fractions import Fraction

@@ -45,7 +45,16 @@ def _rgb(frame) -> np.ndarray:
         from av.video.reformatter import VideoReformatter
 
         converter = _local.rgb = VideoReformatter()
-    return converter.reformat(frame, format="rgb24", threads=1).to_ndarray()
+    return reformat_single_threaded(converter, frame, format="rgb24").to_ndarray()
+
+
+def reformat_single_threaded(converter, frame, **kwargs):
+    """`converter.reformat(frame, **kwargs)` on one thread. PyAV >= 17 scales with a thread pool the size of the
+    machine unless told `threads=1`; older PyAV has no `threads` argument and scales on one thread anyway."""
+    try:
+        return converter.reformat(frame, threads=1, **kwargs)
+    except TypeError:
+        return converter.reformat(frame, **kwargs)
 
 
 def decode_pyav(data: bytes, pick: Pick, stats: dict | None = None,

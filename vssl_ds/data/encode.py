@@ -52,6 +52,8 @@ def reencode_video(item: Item, opt: EncodeOptions) -> tuple[bytes, dict]:
     import av
     from av.video.reformatter import VideoReformatter
 
+    from .decode import reformat_single_threaded
+
     try:
         with av.open(item.path) as src:
             if not src.streams.video:
@@ -85,7 +87,7 @@ def reencode_video(item: Item, opt: EncodeOptions) -> tuple[bytes, dict]:
                         out.height, out.width = size
                         out.pix_fmt = "yuv420p"
                         out.options = x264_options(opt)
-                    img = scaler.reformat(frame, width=size[1], height=size[0], format="yuv420p", threads=1)
+                    img = reformat_single_threaded(scaler, frame, width=size[1], height=size[0], format="yuv420p")
                     img.pts, img.time_base = count, 1 / out_rate  # frame counter: monotonic timestamps for the muxer
                     dst.mux(out.encode(img))
                     count += 1
