@@ -172,8 +172,6 @@ def test_pyav_returns_exactly_the_frames_asked_for_in_other_codecs(codec, contai
     """The default decoder against the ground truth (every frame decoded in order, counted): strided, sparse and
     looped (backwards) picks, with and without skipping. (decord, the fallback, returned other frames than asked
     for on these files on 2026-12-01: up to 6 frames off in MPEG-4 part 2, 15 frames off in MPEG-TS.)"""
-    import io
-
     import av
 
     data = _encoded(codec, container, options)

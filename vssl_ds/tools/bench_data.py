@@ -313,7 +313,7 @@ def bench_copies(args) -> dict:
     gathered (a full-resolution copy) or used as is; and a batch collated the old way (stack, permute to
     [B,C,T,H,W], contiguous, then the DataLoader's copy into shared memory) or written once into shared memory."""
     from ..data.pipeline import _batched, _gather
-    from .bench_model import _timed
+    from .bench_model import timed
 
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
@@ -331,7 +331,7 @@ def bench_copies(args) -> dict:
              "collate: written once into shm": lambda: _batched(parts, (3, 0, 1, 2), shared=True)}
     out = {}
     for name, fn in cases.items():
-        out[name] = round(1000 * _timed(fn, args.iters, torch.device("cpu"), name), 3)
+        out[name] = round(1000 * timed(fn, args.iters, torch.device("cpu"), name), 3)
         print(f"  {name:32s} {out[name]:9.3f} ms", flush=True)
     torch.testing.assert_close(old_collate(), _batched(parts, (3, 0, 1, 2), shared=True), rtol=0, atol=0)
     out["collate_speedup"] = round(out["collate: stack + copy to shm"] / out["collate: written once into shm"], 2)

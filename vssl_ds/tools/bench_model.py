@@ -23,12 +23,12 @@ def _setup(args):
     return device, dtype, backends, {"device": dev, "dtype": name, "torch": torch.__version__}
 
 
-def _timed(fn, iters: int, device, what: str = "timing") -> float:
-    """Median seconds of `fn()` over `iters` runs after two warm-ups."""
+def timed(fn, iters: int, device, what: str = "timing", warmup: int = 2) -> float:
+    """Median seconds of `fn()` over `iters` runs after `warmup` runs (the device synchronised around each run)."""
     from tqdm import tqdm
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(2):
+    for _ in range(warmup):
         fn()
     times = []
     for _ in tqdm(range(iters), desc=what, unit="run", leave=False):
@@ -53,7 +53,7 @@ def bench_attention(args) -> dict:
         for name, b in (("no_bias", None), ("bias", bias)):
             def step():
                 attention(q, k, v, b, backend).sum().backward()
-            ms = 1000 * _timed(step, args.iters, device, f"{backend} {name}")
+            ms = 1000 * timed(step, args.iters, device, f"{backend} {name}")
             mem = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else 0.0
             out[f"{backend}/{name}"] = {"ms": round(ms, 2), "peak_mem_gib": round(mem, 2)}
             print(f"  {backend:9s} {name:8s} {ms:9.2f} ms (fwd+bwd)" + (f"  peak {mem:.2f} GiB" if mem else ""),
@@ -91,7 +91,7 @@ def bench_model(args) -> dict:
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                     y = model(x, mask) if mask is not None else model(x)
                 y.float().pow(2).mean().backward()
-            s = _timed(step, args.iters, device, f"{name} {backend}")
+            s = timed(step, args.iters, device, f"{name} {backend}")
             row = {"step_s": round(s, 4), "clips_per_s": round(args.batch / s, 2)}
             if device.type == "cuda":
                 row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
@@ -139,7 +139,7 @@ def _bench_mae_steps(args, device, dtype, backends, out: dict) -> dict:
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                     loss = method(batch).loss
                 loss.float().backward()
-            s = _timed(step, args.iters, device, f"{name} {backend} MAE step")
+            s = timed(step, args.iters, device, f"{name} {backend} MAE step")
             row = {"step_s": round(s, 4), "clips_per_s": round(args.batch / s, 2),
                    "gflop_per_clip": round(flops / args.batch / 1e9, 1), "achieved_tflops": round(flops / s / 1e12, 3)}
             if device.type == "cuda":
@@ -190,8 +190,8 @@ def bench_cache(args) -> dict:
         loss.backward()
         opt.step()
 
-    t_cached = _timed(lambda: step(cached_batch, True), args.iters, device, "cached targets")
-    t_online = _timed(lambda: step(online_batch, False), args.iters, device, "online teachers")
+    t_cached = timed(lambda: step(cached_batch, True), args.iters, device, "cached targets")
+    t_online = timed(lambda: step(online_batch, False), args.iters, device, "online teachers")
     out = {"setup": {**info, "student": args.student, "image_teacher": args.image_teacher,
                      "video_teacher": args.video_teacher, "batch": b, "frames": args.frames, "size": args.size},
            "cached_step_s": round(t_cached, 4), "online_step_s": round(t_online, 4),
@@ -235,7 +235,7 @@ def _cache_storage(targets: dict, batch: int, t_cached: float, t_online: float, 
         stored = {}
         for name in targets:
             stored.update({k: torch.cat([v] * batch) for k, v in stored_targets(raw, name, 0).items()})
-        widen_ms = 1000 * _timed(lambda: widen_targets({k: v.to(device) for k, v in stored.items()}), 10, device,
+        widen_ms = 1000 * timed(lambda: widen_targets({k: v.to(device) for k, v in stored.items()}), 10, device,
                                  f"{kind}: to the device + widen")
         step_bytes = per_clip * batch
         rows[kind] = {"bytes_per_clip": per_clip, "bytes_per_teacher": per_teacher, "bytes_per_step": step_bytes,

@@ -11,27 +11,16 @@ import time
 import numpy as np
 import torch
 
-DATASHEET_BF16_TFLOPS = 989.0  # H100/H200 SXM dense bf16, for MFU (vssl_ds.logging.PEAK_TFLOPS)
+from ..logging import PEAK_TFLOPS
+from .bench_model import timed
+
+DATASHEET_BF16_TFLOPS = PEAK_TFLOPS["H100"]  # H100/H200 SXM dense bf16, for MFU
 
 
 # --- helpers ------------------------------------------------------------------------------------------------
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _time(fn, iters: int, device, warmup: int = 2) -> float:
-    """Median seconds of fn() over `iters` runs after `warmup`."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
 
 
 def _peak_gib(device) -> float:
@@ -71,7 +60,7 @@ def part_env(s, device, dtype) -> dict:
         out["xformers"] = None
     n = 8192 if device.type == "cuda" else 256
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    sec = _time(lambda: a @ b, 10 if device.type == "cuda" else 2, device, warmup=3)
+    sec = timed(lambda: a @ b, 10 if device.type == "cuda" else 2, device, "matmul", warmup=3)
     out["matmul_tflops"] = round(2 * n**3 / sec / 1e12, 1)
     out["matmul_shape"] = f"{n}x{n}x{n} {str(dtype).split('.')[-1]}"
     if device.type == "cuda":
@@ -105,7 +94,7 @@ def part_attention(s, device, dtype, backends) -> dict:
         y = attention(*leaves, bb, backend)
         y.backward(g.to(dtype))
         err = max([_rel_err(y, ref)] + [_rel_err(t.grad, r) for t, r in zip(leaves, ref_grads)])
-        ms = 1000 * _time(lambda: attention(*leaves, bb, backend).backward(g.to(dtype)), s["iters"] * 2, device)
+        ms = 1000 * timed(lambda: attention(*leaves, bb, backend).backward(g.to(dtype)), s["iters"] * 2, device)
         return {"fwd_bwd_ms": round(ms, 3), "max_rel_err": float(f"{err:.3g}")}
 
     for bname, b in (("no_bias", None), ("bias", bias)):
@@ -138,7 +127,7 @@ def part_attention(s, device, dtype, backends) -> dict:
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                 model(clip).float().pow(2).mean().backward()
         reset(device)
-        ms = 1000 * _time(step, s["iters"], device)
+        ms = 1000 * timed(step, s["iters"], device)
         return {"fwd_bwd_ms": round(ms, 2), "max_rel_err": float(f"{err:.3g}"), "peak_mem_gib": round(_peak_gib(device), 2)}
 
     for backend in backends:
@@ -264,7 +253,7 @@ def part_mae(s, device, dtype, backends, compiled: dict | None = None) -> dict:
                     for attempt in range(3):
                         try:
                             reset(device)
-                            sec = _time(lambda: step(inputs(batch)), s["iters"], device)
+                            sec = timed(lambda: step(inputs(batch)), s["iters"], device)
                             break
                         except RuntimeError as e:
                             if not _is_oom(e) or attempt == 2:
@@ -309,7 +298,7 @@ def part_zero3(s, device) -> dict:
         reset(device)
         step = _EngineStep(cfg, device)
         try:
-            sec = _time(lambda: step(inputs(batch)), s["iters"], device)
+            sec = timed(lambda: step(inputs(batch)), s["iters"], device)
             out[f"zero{stage}"] = {"step_s": round(sec, 4), "clips_per_s": round(batch / sec, 1),
                                    "peak_mem_gib": round(_peak_gib(device), 2)}
         finally:
