@@ -170,8 +170,8 @@ def bench_data(args) -> dict:
                        "encode": args.encode, "short_side": args.short_side, "clips": len(paths),
                        "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                        "torch": torch.__version__}
-    ceiling_s = 4 * max(args.seconds / 3, 2.0)  # about a third of a pipeline's time for each of 4 decoders
-    result["decoders"] = decoder_ceilings(paths, args.frames, args.stride, ceiling_s)
+    # about a third of a pipeline's time for each decoder
+    result["decoders"] = decoder_ceilings(paths, args.frames, args.stride, max(args.seconds / 3, 2.0))
     return result
 
 
@@ -211,8 +211,7 @@ def bench_shards(args) -> dict:
         print(f"{name}: {len(paths[name])} clips, {size / 1e6:.2f} MB, {seconds:.0f} s of video", flush=True)
         out[name] = {"options": SHARD_SETTINGS[name], "clips": len(paths[name]), "bytes": size,
                      "video_seconds": round(seconds, 1), "kbit_per_s": round(8 * size / max(seconds, 1e-9) / 1000, 1)}
-    timed = decoder_ceilings(paths, args.frames, args.stride, args.seconds * len(names) * len(decoders),
-                             decoders)
+    timed = decoder_ceilings(paths, args.frames, args.stride, args.seconds, decoders)
     for name in names:
         out[name]["decoders"] = timed[name]
     base = out.get("default")
@@ -232,8 +231,8 @@ def bench_shards(args) -> dict:
 def decoder_ceilings(paths, frames: int, stride: int, seconds: float, which=None) -> dict:
     """Each decoder alone, in this process, on the same clips and the same frame picks (one clip of `frames` at
     `stride` from a random start): delivered frames per CPU-second (process time: the cost per core). The decoders
-    take turns clip by clip, so a slow spell of a shared machine weighs on all of them alike; `seconds` is their
-    total. `paths` may be {setting: paths} (the same sources encoded several ways, taking turns too) → {setting:
+    take turns clip by clip, so a slow spell of a shared machine weighs on all of them alike, for `seconds` of CPU
+    time each (per setting). `paths` may be {setting: paths} (the same sources encoded several ways, taking turns too) → {setting:
     {decoder: figures}}; a plain list → {decoder: figures}."""
     from ..data import decode as dec
 
@@ -256,10 +255,17 @@ def decoder_ceilings(paths, frames: int, stride: int, seconds: float, which=None
             container.streams.video[0].codec_context.thread_count = 1
             return dec._pyav_sequential(container, pick, stats)
 
+    def frame_scaler(data, pick, stats):  # the RGB conversion before the reused scaler: PyAV's own per frame
+        reused, dec._rgb = dec._rgb, lambda frame: frame.to_ndarray(format="rgb24")
+        try:
+            return dec.decode_pyav(data, pick, stats)
+        finally:
+            dec._rgb = reused
+
     runs = {"decord": lambda data, pick, stats: dec.decode_decord(data, pick),
             "pyav": lambda data, pick, stats: dec.decode_pyav(data, pick, stats),
             "pyav_no_skip": lambda data, pick, stats: dec.decode_pyav(data, pick, stats, skip=False),
-            "pyav_from_start": sequential,
+            "pyav_from_start": sequential, "pyav_frame_scaler": frame_scaler,
             "torchcodec": lambda data, pick, stats: dec.decode_torchcodec(data, pick)}
     runs = {k: v for k, v in runs.items() if which is None or k in which}
     out: dict = {name: {} for name in sets}
@@ -276,8 +282,8 @@ def decoder_ceilings(paths, frames: int, stride: int, seconds: float, which=None
     delivered, clips, decoded = dict.fromkeys(live, 0), dict.fromkeys(live, 0), dict.fromkeys(live, 0)
     k = 0
     print(f"decoders alone ({frames} frames at stride {stride}, {sum(map(len, datas.values()))} clips, taking turns "
-          f"for {seconds:.0f} CPU-s):", flush=True)
-    while live and sum(cpu.values()) < seconds:
+          f"for {seconds * len(live):.0f} CPU-s):", flush=True)
+    while live and sum(cpu.values()) < seconds * len(live):
         for setting, name in live:
             data, stats = datas[setting][k % len(datas[setting])], {}
             t0 = time.process_time()
