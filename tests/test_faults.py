@@ -245,3 +245,65 @@ def test_resume_under_other_settings_names_what_differs(shards, tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 5 and "written with other settings (engine.zero_stage 1 → 3)" in out, out[-3000:]
     assert "Empty ds_version" not in out and "Traceback" not in out
+
+
+LEFT_OPEN = """
+import sys
+from vssl_ds.config.schema import DataConfig
+from vssl_ds.data.build import stream, view_from
+
+d = DataConfig(train=sys.argv[1], batch_size=2, num_frames=4, sampling_rate=2, size=32, num_workers=2,
+               resampled=True, epoch_size=10 ** 6, pin_memory=False)
+loader, _ = stream(d, d.train, view_from(d), d.batch_size, None, 0, 1, 0)
+batches = iter(loader)
+print("batch", next(batches).video.shape, flush=True)
+if sys.argv[2] == "raise":
+    raise RuntimeError("the user's code failed")
+"""
+
+
+@pytest.mark.parametrize("how", ["raise", "return"])
+def test_a_script_that_leaves_a_loader_open_exits(shards, tmp_path, how):
+    """A script that stops iterating a loader without closing it, or fails while its traceback (which the
+    interpreter keeps for printing) holds the loop: it exits at once with its workers gone. Before, it waited
+    forever: at exit multiprocessing SIGTERMs and joins the workers, and the workers ignore SIGTERM."""
+    script = tmp_path / "left_open.py"
+    script.write_text(LEFT_OPEN)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, str(script), str(shards), how], cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            child.kill()
+        proc.kill()
+        pytest.fail("the script did not exit within 60 s of its last statement (the data workers kept it alive)")
+    assert "batch torch.Size([2, 3, 4, 32, 32])" in out, out + err
+    if how == "raise":
+        assert proc.returncode == 1 and "the user's code failed" in err, err[-2000:]
+    else:
+        assert proc.returncode == 0, err[-2000:]
+
+
+class _Stuck(torch.utils.data.IterableDataset):
+    """One item, then a worker that ignores SIGTERM (as vssl_ds's do) and never returns: a hung read."""
+
+    def __iter__(self):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        yield torch.zeros(1)
+        time.sleep(3600)
+
+
+def test_stopping_a_loader_kills_a_worker_stuck_mid_batch():
+    """torch's shutdown gives a worker a few seconds, then sends SIGTERM, which vssl_ds's workers ignore: a worker
+    stuck in a read would outlive the loop and hold the rank's exit. `_stop_workers` kills it."""
+    from vssl_ds.data.pipeline import _stop_workers
+
+    batches = iter(torch.utils.data.DataLoader(_Stuck(), batch_size=None, num_workers=1))
+    assert next(batches).shape == (1,)
+    workers = [psutil.Process(w.pid) for w in batches._workers]
+    t0 = time.monotonic()
+    _stop_workers(batches)
+    _, alive = psutil.wait_procs(workers, timeout=15)
+    assert not alive and time.monotonic() - t0 < 30

@@ -13,13 +13,16 @@ equal contiguous runs (in the epoch's shard order) over the new ranks x workers 
 """
 from __future__ import annotations
 
+import atexit
 import faulthandler
 import functools
 import json
 import logging
+import multiprocessing.util  # noqa: F401  (its exit handler is registered now, so `_stop_live_workers` runs first)
 import os
 import signal
 import sys
+import weakref
 import zlib
 from collections import Counter, deque
 from pathlib import Path
@@ -349,6 +352,35 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
+_LIVE: "weakref.WeakSet" = weakref.WeakSet()  # DataLoader iterators whose workers may still run
+
+
+def _stop_workers(stream) -> None:
+    """Stop a DataLoader iterator's workers: torch's own shutdown (each worker gets a few seconds to finish the
+    batch in hand), then SIGKILL for any still alive: torch's last resort is SIGTERM, which our workers ignore, and
+    a worker left running makes the interpreter's exit wait for it forever (multiprocessing joins its children)."""
+    _LIVE.discard(stream)
+    shutdown = getattr(stream, "_shutdown_workers", None)
+    if shutdown is None:
+        return
+    try:
+        shutdown()
+    finally:
+        for worker in getattr(stream, "_workers", ()):
+            if worker.is_alive():
+                worker.kill()
+                worker.join(timeout=10)
+
+
+@atexit.register
+def _stop_live_workers() -> None:
+    """At exit, stop the workers of loaders that were never closed: a script that stops iterating early, or an
+    exception whose traceback (kept by the interpreter for printing) holds the loop. Registered after
+    multiprocessing's exit handler, so it runs before that handler joins (and would wait for) the workers."""
+    for stream in list(_LIVE):
+        _stop_workers(stream)
+
+
 class OrderedLoader:
     """A DataLoader over a `ShardStream` that yields `Batch`es in a fixed worker round-robin and keeps
     the state (`state_dict`) from which the same epoch continues exactly."""
@@ -421,6 +453,8 @@ class OrderedLoader:
         pending = {w: deque() for w in workers}
         active = list(workers)
         stream = iter(loader)
+        if hasattr(stream, "_workers"):  # worker processes (none with num_workers=0)
+            _LIVE.add(stream)
         try:
             while active:
                 w = self.turn if self.turn in active else active[0]
@@ -439,9 +473,7 @@ class OrderedLoader:
                     self.consumed[sid] = self.consumed.get(sid, 0) | 1 << idx
                 yield Batch.from_worker(item)
         finally:  # workers ignore SIGTERM (see above), so stop them here on every way out, errors included
-            shutdown = getattr(stream, "_shutdown_workers", None)
-            if shutdown is not None:
-                shutdown()
+            _stop_workers(stream)
         self.next_epoch()
 
     def next_epoch(self) -> None:
