@@ -34,11 +34,6 @@ def decode_decord(data: bytes, pick: Pick) -> tuple[np.ndarray, np.ndarray]:
 
 
 _local = threading.local()
-# av.open runs FFmpeg's stream probe, which decodes the first frames to learn codec details that decode_pyav does not
-# use (the pixel format, the decoder's reorder delay; the frame size comes from the headers): telling the probe's
-# decoder to skip every frame halves av.open (1.4 → 0.7 CPU-ms on make_shards output); the decoded frames are the
-# same (the decoder that decodes them is PyAV's own, opened after the probe)
-PROBE_OPTIONS = {"skip_frame": "all"}
 
 
 def _rgb(frame) -> np.ndarray:
@@ -74,7 +69,7 @@ def decode_pyav(data: bytes, pick: Pick, stats: dict | None = None,
     import av
 
     try:
-        with av.open(io.BytesIO(data), options=PROBE_OPTIONS) as container:
+        with av.open(io.BytesIO(data)) as container:
             stream = container.streams.video[0]
             stream.codec_context.thread_count = 1  # per core, one thread is fastest; parallelism is the workers'
             packets = [(p.pts, p.is_keyframe) for p in container.demux(stream) if p.size]
@@ -86,9 +81,7 @@ def decode_pyav(data: bytes, pick: Pick, stats: dict | None = None,
             if not keys or keys[0] != pts[0]:
                 return _pyav_sequential(container, pick, stats)
             wanted = [pts[i] for i in sorted(set(indices.tolist()))]
-            in_order = [p for p, _ in packets]  # decoding order: B-frames show as timestamps that go back
-            reordered = any(a > b for a, b in zip(in_order, in_order[1:]))
-            kept = _pyav_seeking(container, stream, wanted, keys, stats, skip, reordered)
+            kept = _pyav_seeking(container, stream, wanted, keys, stats, skip)
             missing = [int(i) for i in indices if pts[i] not in kept]
             if missing:  # a decoder delay or an open GOP hid a frame from the seek: take the sure way, with the
                 return _pyav_sequential(container, lambda n: indices, stats)  # same indices (pick draws once)
@@ -98,12 +91,11 @@ def decode_pyav(data: bytes, pick: Pick, stats: dict | None = None,
 
 
 def _pyav_seeking(container, stream, wanted: list[int], keys: list[int], stats=None,
-                  skip: bool = True, reordered: bool = True) -> dict[int, np.ndarray]:
+                  skip: bool = True) -> dict[int, np.ndarray]:
     """{pts: frame} of the `wanted` timestamps (ascending). A seek to the keyframe before a target that lies behind
-    the decoder or in a later keyframe interval; except, in a stream with B-frames (`reordered`: timestamps that go
-    back in decoding order) when `skip`, for a target in the next interval: that one is decoded on to (going on
-    costs only the reference frames between, while a seek would decode again the keyframe that the decoder, a few
-    frames ahead of its output, has often decoded already).
+    the decoder or in a later keyframe interval; except, in a stream with B-frames (when `skip`), for a target in
+    the next interval: that one is decoded on to (going on costs only the reference frames between, while a seek
+    would decode again the keyframe that the decoder, a few frames ahead of its output, has often decoded already).
     """
     import bisect
 
@@ -112,7 +104,7 @@ def _pyav_seeking(container, stream, wanted: list[int], keys: list[int], stats=N
         if target in kept:
             continue
         key = keys[bisect.bisect_right(keys, target) - 1]  # the keyframe at or before the target
-        if last is not None and skip and reordered:
+        if last is not None and skip and getattr(stream.codec_context, "has_b_frames", False):
             after = bisect.bisect_right(keys, last)  # the first keyframe after the newest frame decoded
             ahead = after < len(keys) and key > keys[after]
         else:

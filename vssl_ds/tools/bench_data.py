@@ -262,17 +262,10 @@ def decoder_ceilings(paths, frames: int, stride: int, seconds: float, which=None
         finally:
             dec._rgb = reused
 
-    def probe_decode(data, pick, stats):  # av.open's stream probe decoding its first frames, as before
-        skipping, dec.PROBE_OPTIONS = dec.PROBE_OPTIONS, {}
-        try:
-            return dec.decode_pyav(data, pick, stats)
-        finally:
-            dec.PROBE_OPTIONS = skipping
-
     runs = {"decord": lambda data, pick, stats: dec.decode_decord(data, pick),
             "pyav": lambda data, pick, stats: dec.decode_pyav(data, pick, stats),
             "pyav_no_skip": lambda data, pick, stats: dec.decode_pyav(data, pick, stats, skip=False),
-            "pyav_from_start": sequential, "pyav_frame_scaler": frame_scaler, "pyav_probe_decode": probe_decode,
+            "pyav_from_start": sequential, "pyav_frame_scaler": frame_scaler,
             "torchcodec": lambda data, pick, stats: dec.decode_torchcodec(data, pick)}
     runs = {k: v for k, v in runs.items() if which is None or k in which}
     out: dict = {name: {} for name in sets}
