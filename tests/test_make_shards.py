@@ -2,6 +2,7 @@
 import hashlib
 import io
 import json
+import os
 import shutil
 import tarfile
 
@@ -106,6 +107,45 @@ def test_resume_keeps_finished_shards_and_gives_the_same_samples(source, made, t
     assert all((again / n).stat().st_mtime_ns == t for n, t in kept.items())  # finished shards untouched
     assert (again / "failures.jsonl").read_text() == (made / "failures.jsonl").read_text()
     assert not list(again.glob("*.tmp"))
+
+
+CRASHING = """
+import os, signal, sys
+import vssl_ds.tools.make_shards as ms
+
+work = ms._work
+def crash_on_the_fourth(job):  # as a segfault in the codec libraries or the out-of-memory killer would
+    if job[0].index == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return work(job)
+
+ms._work = crash_on_the_fourth
+sys.exit(ms.main(sys.argv[1:]))
+"""
+
+
+def test_a_worker_that_dies_costs_its_input_only(source, made, tmp_path):
+    """A worker process killed mid-job (SIGKILL, as the OOM killer does): the job finishes instead of waiting forever
+    (multiprocessing.Pool lost the job); that input is listed in failures.jsonl with how it died; the jobs that were
+    in flight beside it are encoded again, so every other sample is in the shards."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    script = tmp_path / "crashing.py"
+    script.write_text(CRASHING)
+    out = tmp_path / "shards"
+    proc = subprocess.run([sys.executable, str(script), str(source), str(out), *ARGS], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+    died = [f for f in failures if f["index"] == 3]
+    assert len(died) == 1 and "killed by SIGKILL" in died[0]["error"] and "also when run alone" in died[0]["error"]
+    assert len(failures) == 4  # and the three bad inputs of the source
+    keys = lambda folder: {m for p in folder.glob("*.tar") for m in tarfile.open(p).getnames()}  # noqa: E731
+    lost = keys(made) - keys(out)
+    assert len(lost) == 2 and all(m.startswith("00000003_") for m in lost), lost  # its .mp4 and .json, no other
 
 
 def test_other_options_into_the_same_folder_are_refused(source, made, tmp_path):

@@ -7,16 +7,21 @@
 Items are processed in a fixed order (pool workers encode, the main process writes), so the shards are
 the same however many workers run. Resumable: every finished shard is recorded in OUT/progress.jsonl; a
 rerun with the same inputs and options keeps those shards and continues after them. An input that cannot
-be read is listed in failures.jsonl and never stops the job.
+be read is listed in failures.jsonl and never stops the job — nor does one whose worker process dies (a crash
+in the codec libraries, the kernel's out-of-memory killer): that input is retried alone, then listed.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
 import json
-import multiprocessing as mp
+import os
+import signal
 import sys
 import time
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict
 from pathlib import Path
 
@@ -69,7 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="x264 tune; fastdecode drops CABAC and the deblocking filter: cheaper to decode, bigger files "
                         "(see docs/BENCHMARKS.md for measured costs)")
     p.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality of image samples")
-    p.add_argument("--workers", type=int, default=max(1, (mp.cpu_count() or 2) - 1),
+    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                    help="encoding processes (default: all cores but one)")
     p.add_argument("--limit", type=int, default=0, help="only the first N inputs (trial runs)")
     return p.parse_args(argv)
@@ -83,6 +88,63 @@ def _work(job):
         return item, None, str(e)
     except Exception as e:  # noqa: BLE001 - a decoder bug on one file must not end a multi-day job
         return item, None, f"unexpected {type(e).__name__}: {e}"
+
+
+def _results(jobs, workers: int):
+    """(item, sample, error) of each job, in the jobs' order, encoded by `workers` processes (2 jobs each in flight).
+
+    A worker that dies mid-job breaks the whole pool (with multiprocessing.Pool the job was lost and the run waited
+    forever). The jobs in flight then run again one at a time, each in a fresh process of its own: those that were
+    only collateral damage (or were killed for memory while others ran) succeed; one whose process dies alone too
+    is reported as failed, with how it died. A new pool takes the rest."""
+    jobs, window = iter(jobs), deque()
+    pool = ProcessPoolExecutor(workers)
+    try:
+        while True:
+            broken = False
+            while not broken and len(window) < 2 * workers and (job := next(jobs, None)) is not None:
+                try:
+                    window.append((job, pool.submit(_work, job)))
+                except BrokenProcessPool:  # it broke since the last result
+                    window.append((job, None))
+                    broken = True
+            if not window:
+                return
+            if not broken:
+                try:
+                    result = window[0][1].result()
+                except BrokenProcessPool:
+                    broken = True
+            if broken:
+                pool.shutdown(wait=True, cancel_futures=True)
+                for job, future in window:
+                    done = future is not None and future.done() and not future.cancelled() and \
+                        future.exception() is None
+                    yield future.result() if done else _alone(job)
+                window.clear()
+                pool = ProcessPoolExecutor(workers)
+                continue
+            window.popleft()
+            yield result
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _alone(job):
+    """One job in a process of its own: its result, or a failure naming how the process died."""
+    one, processes = ProcessPoolExecutor(1), []
+    try:
+        future = one.submit(_work, job)
+        processes = list(getattr(one, "_processes", {}).values())  # to read the exit code if it dies
+        return future.result()
+    except BrokenProcessPool:
+        codes = [p.exitcode for p in processes if p.exitcode]
+        how = next((f"killed by {signal.Signals(-c).name}" for c in codes if c < 0 and -c in signal.valid_signals()),
+                   f"exit code {codes[0]}" if codes else "died")
+        hint = " (the kernel's out-of-memory killer sends SIGKILL)" if "SIGKILL" in how else ""
+        return job[0], None, f"the worker process encoding this input {how}{hint}, also when run alone; skipped"
+    finally:
+        one.shutdown(wait=True)
 
 
 class ShardWriter:
@@ -224,9 +286,8 @@ def main(argv=None) -> int:
     short: list[str] = []  # segments with under half the frames their span should give (variable frame rate)
     t0 = time.time()
     jobs = ((it, kind, opt, classes) for it in items[first:])
-    with mp.Pool(args.workers) as pool, tqdm(total=len(items), initial=first, unit=kind[:3] + "s", desc="sharding",
-                                             dynamic_ncols=True) as bar:
-        for item, sample, error in pool.imap(_work, jobs, chunksize=1):
+    with tqdm(total=len(items), initial=first, unit=kind[:3] + "s", desc="sharding", dynamic_ncols=True) as bar:
+        for item, sample, error in _results(jobs, args.workers):
             if error:
                 pending_fail.append({"path": item.path, "index": item.index, "error": error})
             else:
