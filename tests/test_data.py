@@ -213,6 +213,49 @@ def test_torchcodec_matches_decord_when_installed():
     assert np.abs(a.astype(int) - b.astype(int)).mean() < 1.0
 
 
+def test_a_worker_killed_on_a_sample_names_it_and_data_exclude_leaves_it_out(shards, tmp_path, monkeypatch, caplog):
+    """A video whose decoding kills its data worker (a decoder crash; here SIGKILL, as the out-of-memory killer
+    sends): the error names the worker, the signal, the sample's key and shard, and data.exclude; with the key in a
+    data.exclude file the epoch runs through and delivers every other sample."""
+    import json
+    import signal
+    import tarfile
+
+    import vssl_ds.data.pipeline as pipeline
+    from vssl_ds.data.shards import DataError
+
+    first = json.loads(shards.read_text())["shards"][0]["url"]
+    first = first if os.path.isabs(first) else str(shards.parent / first)
+    with tarfile.open(first) as tar:
+        victim = next(m for m in tar.getmembers() if m.name.endswith(".mp4"))
+        victim_key, victim_bytes = victim.name[:-4], tar.extractfile(victim).read()
+    real = pipeline.decode
+
+    def crashing(data, pick, order):  # the workers fork after this patch: they run it
+        if data == victim_bytes:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(data, pick, order)
+
+    monkeypatch.setattr(pipeline, "decode", crashing)
+    d = DataConfig(train=str(shards), batch_size=2, num_frames=4, sampling_rate=2, size=32, num_workers=2,
+                   shuffle_buffer=0, pin_memory=False)
+    with pytest.raises((DataError, RuntimeError)) as failed:
+        for _ in _loader(d, grid=(2, 4, 4)):
+            pass
+    told = str(failed.value) + caplog.text
+    assert f"while decoding sample '{victim_key}' of {first}" in told, told
+    assert "killed by SIGKILL" in told and "data.exclude" in told
+
+    (tmp_path / "exclude.txt").write_text(f"# crashed the decoder\n{victim_key}\n\n")
+    d.exclude, d.batch_size = str(tmp_path / "exclude.txt"), 1  # (a worker keeps only whole batches)
+    keys = [k for b in _loader(d, grid=(2, 4, 4)) for k in b.keys]
+    everything = {f"clip{i:07d}" for i in range(json.loads(shards.read_text())["total"])}
+    assert sorted(keys) == sorted(everything - {victim_key})
+    d.exclude = str(tmp_path / "missing.txt")
+    with pytest.raises(DataError, match="data.exclude: cannot read .*missing.txt"):
+        _loader(d)
+
+
 def test_pyav_takes_over_where_decord_fails():
     from vssl_ds.data.synthetic import encode_mp4, render_clip
 

@@ -68,6 +68,7 @@ class DataConfig:
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     prefetch: int = 2  # batches prefetched per worker
+    exclude: str = ""  # file of sample keys to leave out, one per line (e.g. a video that kills its data worker)
     pin_memory: bool = True
 
 

@@ -44,10 +44,26 @@ def stream(d: DataConfig, spec: str, view: View, batch_size: int, mask_fn, rank:
             raise DataError("cached teacher targets need data.targets (the folder tools/cache_teachers.py wrote)")
         cache = str((Path(d.targets).parent if d.targets.endswith(".json") else Path(d.targets)) / cache_sub)
     ds = ShardStream(shards, view, batch_size, mask_fn, rank, world, seed, decoder_order(d.decoder),
-                     d.shuffle_buffer, d.resampled, samples, cache, cache_targets, decode_device)
+                     d.shuffle_buffer, d.resampled, samples, cache, cache_targets, decode_device,
+                     excluded_keys(d.exclude, rank))
     loader = OrderedLoader(ds, d.num_workers, d.prefetch, d.pin_memory)
     loader.missing_shards = len(missing)
     return loader, samples
+
+
+def excluded_keys(path: str, rank: int = 0) -> frozenset[str]:
+    """data.exclude: sample keys to leave out, one per line (blank lines and `#` comments ignored)."""
+    if not path:
+        return frozenset()
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as e:
+        raise DataError(f"data.exclude: cannot read '{path}' ({e.strerror or e}); it should be a text file of sample "
+                        "keys, one per line") from None
+    keys = frozenset(k for k in (line.split("#", 1)[0].strip() for line in lines) if k)
+    if rank == 0:
+        log.info("data.exclude: %d sample key(s) from %s are left out", len(keys), path)
+    return keys
 
 
 class JointLoader:

@@ -18,6 +18,7 @@ import faulthandler
 import functools
 import json
 import logging
+import multiprocessing.sharedctypes
 import multiprocessing.util  # noqa: F401  (its exit handler is registered now, so `_stop_live_workers` runs first)
 import os
 import signal
@@ -37,7 +38,7 @@ from ..logging import fault_stream
 from .batch import Batch
 from .decode import DEFAULT_ORDER, DecodeError, decode, decode_image, probe_layout
 from .sampling import ShortVideo
-from .shards import Shard, epoch_order, split
+from .shards import DataError, Shard, epoch_order, split
 from .sources import IMAGE_EXTS, VIDEO_EXTS
 from .transforms import apply_view
 from .targets import stored_targets
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 IMAGE_MEMBERS = tuple(e.lstrip(".") for e in sorted(IMAGE_EXTS))
 MEDIA = ("mp4", *(e.lstrip(".") for e in sorted(VIDEO_EXTS) if e != ".mp4"), *IMAGE_MEMBERS)
 END = "__end__"  # a worker's last item: tells the loader that worker has no more batches this epoch
+SLOT = 1024  # bytes per data worker for "key<TAB>shard" of the sample it is decoding
 
 
 class ShardStream(IterableDataset):
@@ -61,7 +63,7 @@ class ShardStream(IterableDataset):
     def __init__(self, shards: list[Shard], view: View, batch_size: int, mask_fn=None, rank: int = 0,
                  world: int = 1, seed: int = 0, decoders=DEFAULT_ORDER, shuffle_buffer: int = 0,
                  resampled: bool = False, epoch_samples: int = 0, cache: str = "", cache_targets=(),
-                 decode_device: str = "cpu"):
+                 decode_device: str = "cpu", exclude=frozenset()):
         if view.repeats > 1 and batch_size % view.repeats:
             raise ValueError(f"data.batch_size ({batch_size}) must be a multiple of data.repeats ({view.repeats}) "
                              "so that no video's repeats are split across a checkpoint")
@@ -74,6 +76,20 @@ class ShardStream(IterableDataset):
         self.decode_device = decode_device  # not "cpu": ship encoded videos and their plan (see device_decode.py)
         self.epoch, self.start, self.base = 0, {}, None
         self.shard_index = {s.url: i for i, s in enumerate(shards)}
+        self.exclude = frozenset(exclude)  # sample keys left out (data.exclude), before decoding
+        self.slots = None  # set by OrderedLoader: per worker, the sample it is decoding (named if the worker dies)
+
+    def _at(self, worker: int, what: str) -> None:
+        """Note in this worker's slot (shared memory) what it is working on now."""
+        if self.slots is not None:
+            data = what.encode()[:SLOT - 1] + b"\0"
+            self.slots[worker * SLOT:worker * SLOT + len(data)] = data
+
+    def doing(self, worker: int) -> str:
+        """What `worker` noted last in its slot ("" when it was between samples)."""
+        if self.slots is None:
+            return ""
+        return bytes(self.slots[worker * SLOT:(worker + 1) * SLOT]).split(b"\0", 1)[0].decode(errors="replace")
 
     def set_epoch(self, epoch: int, start: dict[int, int] | None = None, base: dict[int, int] | None = None) -> None:
         """`start`: raw samples each worker consumed already; `base`: for a rebalanced epoch, the samples (bitmask
@@ -264,7 +280,11 @@ class ShardStream(IterableDataset):
             if pos <= skip:
                 continue  # consumed before the checkpoint this run resumes from
             taken.append((raw["__sid__"], raw["__idx__"]))  # trained once the loop takes this batch (or skipped)
+            if raw["__key__"] in self.exclude:
+                continue
+            self._at(worker, f"{raw['__key__']}\t{raw.get('__url__', '')}")
             items += self._sample(raw, faults)
+            self._at(worker, "")
             if len(items) >= self.batch_size:
                 yield _collate(items[:self.batch_size], worker, pos, faults, taken)
                 items, taken = items[self.batch_size:], []
@@ -452,14 +472,24 @@ class OrderedLoader:
         workers = list(range(max(self.num_workers, 1)))
         pending = {w: deque() for w in workers}
         active = list(workers)
+        if self.num_workers:  # inherited by the workers (shared memory)
+            self.dataset.slots = multiprocessing.sharedctypes.RawArray("c", SLOT * self.num_workers)
         stream = iter(loader)
         if hasattr(stream, "_workers"):  # worker processes (none with num_workers=0)
             _LIVE.add(stream)
+        told = False
         try:
             while active:
                 w = self.turn if self.turn in active else active[0]
                 while not pending[w]:
-                    item = next(stream)
+                    try:
+                        item = next(stream)
+                    except RuntimeError as e:  # torch: "DataLoader worker (pid(s) …) exited unexpectedly"
+                        dead = self._dead_workers(stream)
+                        if not dead:
+                            raise
+                        told = True
+                        raise DataError(dead) from e
                     pending[item.get("worker", item.get(END))].append(item)
                 item = pending[w].popleft()
                 self.faults[w] = item["faults"]
@@ -473,8 +503,32 @@ class OrderedLoader:
                     self.consumed[sid] = self.consumed.get(sid, 0) | 1 << idx
                 yield Batch.from_worker(item)
         finally:  # workers ignore SIGTERM (see above), so stop them here on every way out, errors included
+            dead = None if told else self._dead_workers(stream)
+            if dead:  # torch's SIGCHLD handler raised its error wherever the rank was (the loop then closed us)
+                log.error("%s", dead)
             _stop_workers(stream)
         self.next_epoch()
+
+    def _dead_workers(self, stream) -> str:
+        """What died, on which sample, and what to do; "" while every worker lives (or ended normally)."""
+        lines = []
+        for worker, process in enumerate(getattr(stream, "_workers", ())):
+            code = process.exitcode
+            if not code:  # alive (None) or finished (0)
+                continue
+            how = f"exit code {code}"
+            if code < 0:
+                how = f"killed by {signal.Signals(-code).name}" if -code in signal.valid_signals() else how
+                how += " (the kernel's out-of-memory killer sends SIGKILL)" if code == -signal.SIGKILL else ""
+            key, _, url = self.dataset.doing(worker).partition("\t")
+            where = (f"while decoding sample '{key}' of {url}" if key else
+                     "between samples (reading shard data or collating a batch)")
+            lines.append(f"data worker {worker} (pid {process.pid}) of rank {self.dataset.rank} died, {how}, {where}")
+        if not lines:
+            return ""
+        return ("; ".join(lines) + ". A video that crashes the decoder or needs more memory than a worker has stops "
+                "the run at the same sample on every resume: list its key in a file (one per line) and pass "
+                "data.exclude=FILE, then --auto-resume (or re-make the shard without it)")
 
     def next_epoch(self) -> None:
         """Close the current epoch (also called when another rank ran out first)."""
