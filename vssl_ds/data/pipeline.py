@@ -51,6 +51,58 @@ END = "__end__"  # a worker's last item: tells the loader that worker has no mor
 SLOT = 1024  # bytes per data worker for "key<TAB>shard" of the sample it is decoding
 
 
+class WorkerNotes:
+    """Per data worker, in shared memory that the workers inherit: the sample it is decoding now, for the rank to name
+    when a worker dies (a decoder crash, the out-of-memory killer)."""
+
+    def __init__(self):
+        self.buf = None
+
+    def attach(self, workers: int) -> None:
+        """Fresh notes for `workers` workers, before they start (none in the rank itself: 0 workers)."""
+        self.buf = multiprocessing.sharedctypes.RawArray("c", SLOT * workers) if workers else None
+
+    def note(self, worker: int, key: str = "", url: str = "") -> None:
+        """The sample `worker` starts on; no key: between samples."""
+        if self.buf is not None:
+            data = (f"{key}\t{url}" if key else "").encode()[:SLOT - 1] + b"\0"
+            self.buf[worker * SLOT:worker * SLOT + len(data)] = data
+
+    def read(self, worker: int) -> tuple[str, str]:
+        """(key, shard) of the sample `worker` noted last; ("", "") between samples."""
+        if self.buf is None:
+            return "", ""
+        text = bytes(self.buf[worker * SLOT:(worker + 1) * SLOT]).split(b"\0", 1)[0].decode(errors="replace")
+        key, _, url = text.partition("\t")
+        return key, url
+
+
+RESUME_ADVICE = ("A video that crashes the decoder or needs more memory than a worker has stops the run at the same "
+                 "sample on every resume: list its key in a file (one per line) and pass data.exclude=FILE, then "
+                 "--auto-resume (or re-make the shard without it)")
+
+
+def dead_workers(stream, notes: WorkerNotes, rank: int, advice: str = RESUME_ADVICE) -> str:
+    """What died among a DataLoader iterator's workers, on which sample, and what to do; "" while every worker lives
+    (or ended normally)."""
+    lines = []
+    for worker, process in enumerate(getattr(stream, "_workers", ())):
+        code = process.exitcode
+        if not code:  # alive (None) or finished (0)
+            continue
+        how = f"exit code {code}"
+        if code < 0:
+            how = f"killed by {signal.Signals(-code).name}" if -code in signal.valid_signals() else how
+            how += " (the kernel's out-of-memory killer sends SIGKILL)" if code == -signal.SIGKILL else ""
+        key, url = notes.read(worker)
+        where = (f"while decoding sample '{key}' of {url}" if key else
+                 "between samples (reading shard data or collating a batch)")
+        lines.append(f"data worker {worker} (pid {process.pid}) of rank {rank} died, {how}, {where}")
+    if not lines:
+        return ""
+    return "; ".join(lines) + ". " + advice
+
+
 class ShardStream(IterableDataset):
     """Stream of batches from video (or image) shards.
 
@@ -77,19 +129,7 @@ class ShardStream(IterableDataset):
         self.epoch, self.start, self.base = 0, {}, None
         self.shard_index = {s.url: i for i, s in enumerate(shards)}
         self.exclude = frozenset(exclude)  # sample keys left out (data.exclude), before decoding
-        self.slots = None  # set by OrderedLoader: per worker, the sample it is decoding (named if the worker dies)
-
-    def _at(self, worker: int, what: str) -> None:
-        """Note in this worker's slot (shared memory) what it is working on now."""
-        if self.slots is not None:
-            data = what.encode()[:SLOT - 1] + b"\0"
-            self.slots[worker * SLOT:worker * SLOT + len(data)] = data
-
-    def doing(self, worker: int) -> str:
-        """What `worker` noted last in its slot ("" when it was between samples)."""
-        if self.slots is None:
-            return ""
-        return bytes(self.slots[worker * SLOT:(worker + 1) * SLOT]).split(b"\0", 1)[0].decode(errors="replace")
+        self.notes = WorkerNotes()  # per worker, the sample it is decoding (named if the worker dies)
 
     def set_epoch(self, epoch: int, start: dict[int, int] | None = None, base: dict[int, int] | None = None) -> None:
         """`start`: raw samples each worker consumed already; `base`: for a rebalanced epoch, the samples (bitmask
@@ -282,9 +322,9 @@ class ShardStream(IterableDataset):
             taken.append((raw["__sid__"], raw["__idx__"]))  # trained once the loop takes this batch (or skipped)
             if raw["__key__"] in self.exclude:
                 continue
-            self._at(worker, f"{raw['__key__']}\t{raw.get('__url__', '')}")
+            self.notes.note(worker, raw["__key__"], raw.get("__url__", ""))
             items += self._sample(raw, faults)
-            self._at(worker, "")
+            self.notes.note(worker)
             if len(items) >= self.batch_size:
                 yield _collate(items[:self.batch_size], worker, pos, faults, taken)
                 items, taken = items[self.batch_size:], []
@@ -472,8 +512,7 @@ class OrderedLoader:
         workers = list(range(max(self.num_workers, 1)))
         pending = {w: deque() for w in workers}
         active = list(workers)
-        if self.num_workers:  # inherited by the workers (shared memory)
-            self.dataset.slots = multiprocessing.sharedctypes.RawArray("c", SLOT * self.num_workers)
+        self.dataset.notes.attach(self.num_workers)
         stream = iter(loader)
         if hasattr(stream, "_workers"):  # worker processes (none with num_workers=0)
             _LIVE.add(stream)
@@ -485,7 +524,7 @@ class OrderedLoader:
                     try:
                         item = next(stream)
                     except RuntimeError as e:  # torch: "DataLoader worker (pid(s) …) exited unexpectedly"
-                        dead = self._dead_workers(stream)
+                        dead = dead_workers(stream, self.dataset.notes, self.dataset.rank)
                         if not dead:
                             raise
                         told = True
@@ -503,32 +542,11 @@ class OrderedLoader:
                     self.consumed[sid] = self.consumed.get(sid, 0) | 1 << idx
                 yield Batch.from_worker(item)
         finally:  # workers ignore SIGTERM (see above), so stop them here on every way out, errors included
-            dead = None if told else self._dead_workers(stream)
+            dead = None if told else dead_workers(stream, self.dataset.notes, self.dataset.rank)
             if dead:  # torch's SIGCHLD handler raised its error wherever the rank was (the loop then closed us)
                 log.error("%s", dead)
             _stop_workers(stream)
         self.next_epoch()
-
-    def _dead_workers(self, stream) -> str:
-        """What died, on which sample, and what to do; "" while every worker lives (or ended normally)."""
-        lines = []
-        for worker, process in enumerate(getattr(stream, "_workers", ())):
-            code = process.exitcode
-            if not code:  # alive (None) or finished (0)
-                continue
-            how = f"exit code {code}"
-            if code < 0:
-                how = f"killed by {signal.Signals(-code).name}" if -code in signal.valid_signals() else how
-                how += " (the kernel's out-of-memory killer sends SIGKILL)" if code == -signal.SIGKILL else ""
-            key, _, url = self.dataset.doing(worker).partition("\t")
-            where = (f"while decoding sample '{key}' of {url}" if key else
-                     "between samples (reading shard data or collating a batch)")
-            lines.append(f"data worker {worker} (pid {process.pid}) of rank {self.dataset.rank} died, {how}, {where}")
-        if not lines:
-            return ""
-        return ("; ".join(lines) + ". A video that crashes the decoder or needs more memory than a worker has stops "
-                "the run at the same sample on every resume: list its key in a file (one per line) and pass "
-                "data.exclude=FILE, then --auto-resume (or re-make the shard without it)")
 
     def next_epoch(self) -> None:
         """Close the current epoch (also called when another rank ran out first)."""

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import tarfile_samples
 
 from ..data.decode import DecodeError, decode, decode_image, decoder_order
-from ..data.pipeline import IMAGE_MEMBERS, MEDIA, _label
+from ..data.pipeline import IMAGE_MEMBERS, MEDIA, WorkerNotes, _label
 from ..data.shards import resolve_shards
 from ..data.transforms import crop_resize
 
@@ -51,6 +51,7 @@ class EvalViews(IterableDataset):
         self.shards = resolve_shards(spec)[rank::world] if spec else []  # '': views() of given samples only
         self.num_frames, self.stride, self.size, self.clips, self.crops = num_frames, stride, size, clips, crops
         self.decoders, self.policy = decoder_order(decoder), policy
+        self.rank, self.notes = rank, WorkerNotes()  # the sample each worker decodes (named if a worker dies)
 
     def views(self, raw: dict) -> torch.Tensor:
         member = next((m for m in MEDIA if m in raw), None)
@@ -77,14 +78,18 @@ class EvalViews(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         mine = self.shards if info is None else self.shards[info.id::info.num_workers]
+        worker = info.id if info else 0
         for shard in mine:
             try:
                 for raw in tarfile_samples([{"url": shard.url}]):
+                    self.notes.note(worker, raw.get("__key__", "?"), shard.url)
                     try:
                         video = self.views(raw)
                     except DecodeError as e:
                         log.warning("test clip %s in %s skipped: %s", raw.get("__key__"), shard.url, e)
                         continue
+                    finally:
+                        self.notes.note(worker)
                     yield {"key": raw["__key__"], "label": _label(raw), "video": video}
             except (OSError, ValueError) as e:  # an unreadable tar: the rest of the shard is lost, not the run
                 log.warning("test shard %s unreadable, skipped from here on: %s", shard.url, e)
@@ -99,5 +104,6 @@ def eval_loader(spec: str, cfg, clips: int, crops: int, rank: int, world: int, b
     d = cfg.data
     ds = EvalViews(spec, d.num_frames, d.sampling_rate, d.size, clips, crops, rank, world, d.decoder, d.short_video)
     workers = min(d.num_workers, len(ds.shards))
+    ds.notes.attach(workers)
     return DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
                       persistent_workers=False, prefetch_factor=d.prefetch if workers else None)
