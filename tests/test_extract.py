@@ -140,3 +140,34 @@ def test_bad_input_is_a_clear_error(videos, tmp_path, capsys):
     assert "no 'shards' list" in capsys.readouterr().err
     assert extract([str(folder), str(tmp_path / "o"), "--weights", str(tmp_path / "missing.safetensors")]) == 2
     assert "missing" in capsys.readouterr().err
+
+
+def test_a_video_that_kills_its_worker_is_a_failure_and_the_rest_is_extracted(videos, tmp_path, monkeypatch):
+    """A video whose decoding kills its data worker (SIGKILL, as the out-of-memory killer sends): listed in
+    failures.jsonl with the signal; the loader starts again without it and every other video is extracted once,
+    with the same features as a run where nothing died."""
+    import os
+    import signal
+
+    from vssl_ds.eval.data import EvalViews
+
+    folder, weights, good = videos
+    args = ["--weights", str(weights), "--shard-size", "2", "--workers", "2", "--batch-size", "1"]
+    assert extract([str(folder), str(tmp_path / "full"), *args]) == 0
+    want, _ = read_features(tmp_path / "full")
+    real = EvalViews.views
+
+    def crashing(self, raw):  # the workers fork after this patch: they run it
+        if raw["__key__"] == "clip_3":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(self, raw)
+
+    monkeypatch.setattr(EvalViews, "views", crashing)
+    out = tmp_path / "crash"
+    assert extract([str(folder), str(out), *args]) == 0
+    got, _ = read_features(out)
+    assert sorted(got) == sorted(set(want) - {"clip_3"})
+    assert all(np.array_equal(got[k], want[k]) for k in got)
+    failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+    died = [f for f in failures if f["key"] == "clip_3"]
+    assert len(died) == 1 and "killed by SIGKILL" in died[0]["reason"], failures

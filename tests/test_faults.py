@@ -297,13 +297,13 @@ class _Stuck(torch.utils.data.IterableDataset):
 
 def test_stopping_a_loader_kills_a_worker_stuck_mid_batch():
     """torch's shutdown gives a worker a few seconds, then sends SIGTERM, which vssl_ds's workers ignore: a worker
-    stuck in a read would outlive the loop and hold the rank's exit. `_stop_workers` kills it."""
-    from vssl_ds.data.pipeline import _stop_workers
+    stuck in a read would outlive the loop and hold the rank's exit. `stop_workers` kills it."""
+    from vssl_ds.data.pipeline import stop_workers
 
     batches = iter(torch.utils.data.DataLoader(_Stuck(), batch_size=None, num_workers=1))
     assert next(batches).shape == (1,)
     workers = [psutil.Process(w.pid) for w in batches._workers]
     t0 = time.monotonic()
-    _stop_workers(batches)
+    stop_workers(batches)
     _, alive = psutil.wait_procs(workers, timeout=15)
     assert not alive and time.monotonic() - t0 < 30

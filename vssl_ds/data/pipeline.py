@@ -415,7 +415,7 @@ def _die_with_parent(parent: int) -> None:
 _LIVE: "weakref.WeakSet" = weakref.WeakSet()  # DataLoader iterators whose workers may still run
 
 
-def _stop_workers(stream) -> None:
+def stop_workers(stream) -> None:
     """Stop a DataLoader iterator's workers: torch's own shutdown (each worker gets a few seconds to finish the
     batch in hand), then SIGKILL for any still alive: torch's last resort is SIGTERM, which our workers ignore, and
     a worker left running makes the interpreter's exit wait for it forever (multiprocessing joins its children)."""
@@ -438,7 +438,7 @@ def _stop_live_workers() -> None:
     exception whose traceback (kept by the interpreter for printing) holds the loop. Registered after
     multiprocessing's exit handler, so it runs before that handler joins (and would wait for) the workers."""
     for stream in list(_LIVE):
-        _stop_workers(stream)
+        stop_workers(stream)
 
 
 class OrderedLoader:
@@ -545,7 +545,7 @@ class OrderedLoader:
             dead = None if told else dead_workers(stream, self.dataset.notes, self.dataset.rank)
             if dead:  # torch's SIGCHLD handler raised its error wherever the rank was (the loop then closed us)
                 log.error("%s", dead)
-            _stop_workers(stream)
+            stop_workers(stream)
         self.next_epoch()
 
     def next_epoch(self) -> None:

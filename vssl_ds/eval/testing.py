@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 
 from ..config.schema import Config
-from ..data.pipeline import dead_workers
+from ..data.pipeline import dead_workers, stop_workers
 from ..data.shards import DataError
 from ..data.transforms import normalize
 from ..engine import dist
@@ -60,6 +60,8 @@ def view_batches(spec: str, cfg: Config, clips: int, crops: int, device: torch.d
         dead = None if told else dead_workers(loader, dataloader.dataset.notes, dist.rank(), EVAL_ADVICE)
         if dead:
             log.error("%s", dead)
+        stop_workers(loader)  # now, not when the traceback lets go of it: a dead worker's pid stays registered with
+        # torch until then, and torch's SIGCHLD handler raises about it at any later child's exit
 
 
 @torch.no_grad()

@@ -27,6 +27,7 @@ import io
 import json
 import logging
 import os
+import signal
 import sys
 import tarfile
 import time
@@ -36,6 +37,7 @@ import numpy as np
 import torch
 
 from ..cli import HelpFormatter
+from ..data.pipeline import WorkerNotes, dead_workers, stop_workers
 from ..data.targets import npy_bytes
 
 log = logging.getLogger(__name__)
@@ -108,20 +110,26 @@ class FileViews(torch.utils.data.IterableDataset):
 
     def __init__(self, items, views):
         super().__init__()
-        self.items, self.views = items, views
+        self.items, self.views, self.notes = items, views, WorkerNotes()
 
     def __iter__(self):
         from ..data.decode import DecodeError
 
         info = torch.utils.data.get_worker_info()
         mine = self.items if info is None else self.items[info.id::info.num_workers]
+        worker = info.id if info else 0
         for key, path, label in mine:
             ext = Path(path).suffix.lower()
+            self.notes.note(worker, key, path)
             try:
                 raw = {"__key__": key, ("jpg" if ext in IMAGE_EXT else "mp4"): Path(path).read_bytes()}
-                yield {"key": key, "label": label, "video": self.views.views(raw), "source": path}
+                video = self.views.views(raw)
             except (DecodeError, OSError, ValueError, RuntimeError) as e:
                 yield {"key": key, "error": f"{type(e).__name__}: {e}", "source": path}
+                continue
+            finally:
+                self.notes.note(worker)
+            yield {"key": key, "label": label, "video": video, "source": path}
 
 
 class ShardViews(torch.utils.data.IterableDataset):
@@ -129,7 +137,7 @@ class ShardViews(torch.utils.data.IterableDataset):
 
     def __init__(self, views, done: set[str]):
         super().__init__()
-        self.views, self.done = views, done
+        self.views, self.done, self.notes = views, done, WorkerNotes()
 
     def __iter__(self):
         from webdataset.tariterators import tarfile_samples
@@ -139,16 +147,22 @@ class ShardViews(torch.utils.data.IterableDataset):
 
         info = torch.utils.data.get_worker_info()
         shards = self.views.shards if info is None else self.views.shards[info.id::info.num_workers]
+        worker = info.id if info else 0
         for shard in shards:
             try:
                 for raw in tarfile_samples([{"url": shard.url}]):
                     key = raw["__key__"]
                     if key in self.done:
                         continue
+                    self.notes.note(worker, key, shard.url)
                     try:
-                        yield {"key": key, "label": _label(raw), "video": self.views.views(raw), "source": shard.url}
+                        video = self.views.views(raw)
                     except DecodeError as e:
                         yield {"key": key, "error": str(e), "source": shard.url}
+                        continue
+                    finally:
+                        self.notes.note(worker)
+                    yield {"key": key, "label": _label(raw), "video": video, "source": shard.url}
             except (OSError, ValueError) as e:
                 yield {"key": f"<shard {shard.url}>", "error": f"unreadable from here on: {e}", "source": shard.url}
 
@@ -261,48 +275,81 @@ def main(argv=None) -> int:
     if kind == "files":
         todo = [it for it in items if it[0] not in done]
         mine = todo[rank::world]
-        data, total = FileViews(mine, views), len(mine)
+        total = len(mine)
     else:
-        data = ShardViews(views, done)
         total = sum(max(s.samples, 0) for s in views.shards) or None
     if done and rank == 0:
         log.info("resuming: %d videos of closed shards in %s are kept and skipped", len(done), out)
     workers = max(0, min(args.workers, total if total else args.workers))
-    loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, num_workers=workers, collate_fn=_collate)
     mean = torch.tensor(args.mean, device=device).view(1, 3, 1, 1, 1)
     std = torch.tensor(args.std, device=device).view(1, 3, 1, 1, 1)
     writer = ShardWriter(out, rank, args.shard_size)
     failures = out / f"failures-{rank:03d}.jsonl"
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     shape, count, failed, t0 = None, 0, 0, time.time()
+    seen = set(done)  # kept from before, written or failed in this run: what a restarted loader skips
     from tqdm import tqdm
 
-    with tqdm(total=total, desc=f"rank {rank} extracting", unit="video", disable=rank != 0) as bar, torch.no_grad():
-        for batch in loader:
-            good = [b for b in batch if "video" in b]
-            for b in batch:
-                if "error" in b:
-                    failed += 1
-                    log.warning("video %s (%s) skipped: %s", b["key"], b["source"], b["error"])
-                    with open(failures, "a") as f:
-                        f.write(json.dumps({"key": b["key"], "source": b["source"], "reason": b["error"]}) + "\n")
-            bar.update(len(batch))
-            if not good:
-                continue
-            video = torch.stack([b["video"] for b in good]).permute(0, 1, 5, 2, 3, 4).to(device)  # [B,V,C,T,H,W]
-            n, v = video.shape[:2]
-            x = (video.flatten(0, 1).float() / 255 - mean) / std
-            with autocast:
-                if args.tokens:
-                    from ..eval.classifier import encoder_tokens
+    def fail(key: str, source: str, reason: str) -> None:
+        log.warning("video %s (%s) skipped: %s", key, source, reason)
+        with open(failures, "a") as f:
+            f.write(json.dumps({"key": key, "source": source, "reason": reason}) + "\n")
 
-                    tokens, _ = encoder_tokens(model, x)
-                    feats = tokens.float().view(n, v, *tokens.shape[1:]).mean(1).half()  # [B,L,D]
-                else:
-                    feats = pooled(model, x, args.pool).float().view(n, v, -1).mean(1)  # [B,D]
-            for b, f in zip(good, feats.cpu().numpy()):
-                writer.add(b["key"], f, {"source": b["source"], "label": int(b["label"]), "clips": args.clips})
-            shape, count = list(feats.shape[1:]), count + len(good)
+    with tqdm(total=total, desc=f"rank {rank} extracting", unit="video", disable=rank != 0) as bar, torch.no_grad():
+        while True:  # once, or again after a data worker died on a video (that one is then a failure)
+            if kind == "files":
+                data = FileViews([it for it in mine if it[0] not in seen], views)
+            else:
+                data = ShardViews(views, seen)
+            data.notes.attach(workers)
+            batches = iter(torch.utils.data.DataLoader(data, batch_size=args.batch_size, num_workers=workers,
+                                                       collate_fn=_collate))
+            # torch's SIGCHLD handler raises its "worker died" error wherever this thread is, e.g. between writing a
+            # feature and recording its key; without it, torch finds the dead worker in next() (within 5 s), so a
+            # batch is either fetched and written whole, or not at all
+            sigchld = signal.signal(signal.SIGCHLD, signal.SIG_DFL) if workers else None
+            try:
+                for batch in batches:
+                    good = [b for b in batch if "video" in b]
+                    for b in batch:
+                        if "error" in b:
+                            failed += 1
+                            fail(b["key"], b["source"], b["error"])
+                    seen.update(b["key"] for b in batch)
+                    bar.update(len(batch))
+                    if not good:
+                        continue
+                    video = torch.stack([b["video"] for b in good]).permute(0, 1, 5, 2, 3, 4).to(device)  # [B,V,C,T,H,W]
+                    n, v = video.shape[:2]
+                    x = (video.flatten(0, 1).float() / 255 - mean) / std
+                    with autocast:
+                        if args.tokens:
+                            from ..eval.classifier import encoder_tokens
+
+                            tokens, _ = encoder_tokens(model, x)
+                            feats = tokens.float().view(n, v, *tokens.shape[1:]).mean(1).half()  # [B,L,D]
+                        else:
+                            feats = pooled(model, x, args.pool).float().view(n, v, -1).mean(1)  # [B,D]
+                    for b, f in zip(good, feats.cpu().numpy()):
+                        writer.add(b["key"], f, {"source": b["source"], "label": int(b["label"]), "clips": args.clips})
+                    shape, count = list(feats.shape[1:]), count + len(good)
+                break
+            except RuntimeError:  # torch, from next(): "DataLoader worker (pid(s) …) exited unexpectedly"
+                dead = dead_workers(batches, data.notes, rank, advice="")
+                culprits = [data.notes.read(w) for w, p in enumerate(getattr(batches, "_workers", ())) if p.exitcode]
+                culprits = [(key, where) for key, where in culprits if key and key not in seen]
+                if not dead or not culprits:
+                    raise
+                for key, where in culprits:
+                    failed += 1
+                    fail(key, where, dead.strip())
+                    seen.add(key)
+                    bar.update(1)
+                log.warning("a data worker died; extraction goes on without %s", ", ".join(k for k, _ in culprits))
+            finally:  # a dead worker's pid stays registered with torch until its iterator shuts down: stop it now
+                stop_workers(batches)
+                if sigchld is not None:
+                    signal.signal(signal.SIGCHLD, sigchld)
     writer.close()
     log.info("rank %d: %d videos extracted, %d skipped (failures in %s), %.1f s", rank, count, failed,
              failures.name, time.time() - t0)
