@@ -32,6 +32,30 @@ def shards(tmp_path_factory) -> Path:
     return write_synthetic_shards(tmp_path_factory.mktemp("shards"), clips=32, shards=8, frames=24, size=48)
 
 
+def crash_on_first_video(manifest: Path, module, monkeypatch) -> tuple[str, str]:
+    """Patch `module.decode` so that decoding the first video of the manifest's first shard kills the process doing
+    it (SIGKILL, as the out-of-memory killer sends; data workers fork after the patch and run it).
+    → (that video's key, its shard)"""
+    import json
+    import signal
+    import tarfile
+
+    first = json.loads(manifest.read_text())["shards"][0]["url"]
+    first = first if os.path.isabs(first) else str(manifest.parent / first)
+    with tarfile.open(first) as tar:
+        victim = next(m for m in tar.getmembers() if m.name.endswith(".mp4"))
+        victim_key, victim_bytes = victim.name[:-4], tar.extractfile(victim).read()
+    real = module.decode
+
+    def crashing(data, pick, order):
+        if data == victim_bytes:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(data, pick, order)
+
+    monkeypatch.setattr(module, "decode", crashing)
+    return victim_key, first
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -218,25 +218,12 @@ def test_a_worker_killed_on_a_sample_names_it_and_data_exclude_leaves_it_out(sha
     sends): the error names the worker, the signal, the sample's key and shard, and data.exclude; with the key in a
     data.exclude file the epoch runs through and delivers every other sample."""
     import json
-    import signal
-    import tarfile
 
     import vssl_ds.data.pipeline as pipeline
+    from conftest import crash_on_first_video
     from vssl_ds.data.shards import DataError
 
-    first = json.loads(shards.read_text())["shards"][0]["url"]
-    first = first if os.path.isabs(first) else str(shards.parent / first)
-    with tarfile.open(first) as tar:
-        victim = next(m for m in tar.getmembers() if m.name.endswith(".mp4"))
-        victim_key, victim_bytes = victim.name[:-4], tar.extractfile(victim).read()
-    real = pipeline.decode
-
-    def crashing(data, pick, order):  # the workers fork after this patch: they run it
-        if data == victim_bytes:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return real(data, pick, order)
-
-    monkeypatch.setattr(pipeline, "decode", crashing)
+    victim_key, first = crash_on_first_video(shards, pipeline, monkeypatch)
     d = DataConfig(train=str(shards), batch_size=2, num_frames=4, sampling_rate=2, size=32, num_workers=2,
                    shuffle_buffer=0, pin_memory=False)
     with pytest.raises((DataError, RuntimeError)) as failed:

@@ -339,28 +339,13 @@ def test_extract_reads_a_run_folder_like_its_export(pretrained, val_shards, tmp_
 def test_a_test_worker_killed_on_a_video_names_it(val_shards, monkeypatch, caplog):
     """The test pass's workers: a video whose decoding kills its worker is named (key, shard, signal) in a DataError,
     not torch's bare 'worker exited unexpectedly'."""
-    import os
-    import signal
-    import tarfile
-
     import vssl_ds.eval.data as eval_data
+    from conftest import crash_on_first_video
     from vssl_ds.config import load_config
     from vssl_ds.data.shards import DataError
     from vssl_ds.eval.testing import view_batches
 
-    first = json.loads(val_shards.read_text())["shards"][0]["url"]
-    first = first if os.path.isabs(first) else str(val_shards.parent / first)
-    with tarfile.open(first) as tar:
-        victim = next(m for m in tar.getmembers() if m.name.endswith(".mp4"))
-        victim_key, victim_bytes = victim.name[:-4], tar.extractfile(victim).read()
-    real = eval_data.decode
-
-    def crashing(data, pick, order):  # the workers fork after this patch: they run it
-        if data == victim_bytes:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return real(data, pick, order)
-
-    monkeypatch.setattr(eval_data, "decode", crashing)
+    victim_key, first = crash_on_first_video(val_shards, eval_data, monkeypatch)
     cfg = load_config("tiny_mae", [*TINY, f"data.train={val_shards}"])
     with pytest.raises((DataError, RuntimeError)) as failed:  # RuntimeError: torch's SIGCHLD handler raised here
         for _ in view_batches(str(val_shards), cfg, 1, 1, torch.device("cpu"), 2):

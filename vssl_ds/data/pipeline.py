@@ -14,6 +14,7 @@ equal contiguous runs (in the epoch's shard order) over the new ranks x workers 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import faulthandler
 import functools
 import json
@@ -432,6 +433,35 @@ def stop_workers(stream) -> None:
                 worker.join(timeout=10)
 
 
+# what reading from a DataLoader iterator raises when one of its workers died: torch's RuntimeError ("worker … exited
+# unexpectedly", or its SIGCHLD handler's), or, when the worker died while handing over a batch's shared memory, the
+# broken connection (ConnectionResetError, EOFError)
+WORKER_DEATH_ERRORS = (RuntimeError, OSError, EOFError)
+
+
+@contextlib.contextmanager
+def named_worker_deaths(stream, notes: WorkerNotes, rank: int, advice: str = RESUME_ADVICE):
+    """Around the use of a DataLoader iterator: when one of its workers died, the error that reading from it raises
+    (`WORKER_DEATH_ERRORS`) becomes a DataError naming worker, signal and sample (`dead_workers`), others pass;
+    when torch's SIGCHLD handler raised its error in the caller's code instead, the same is logged on the way out.
+    The workers are stopped on every way out (`stop_workers`): a dead worker's pid stays registered with torch until
+    its iterator shuts down, and torch's SIGCHLD handler would raise about it at any later child's exit."""
+    told = False
+    try:
+        yield
+    except WORKER_DEATH_ERRORS as e:
+        dead = dead_workers(stream, notes, rank, advice)
+        if not dead:
+            raise
+        told = True
+        raise DataError(dead) from e
+    finally:
+        dead = "" if told else dead_workers(stream, notes, rank, advice)
+        if dead:
+            log.error("%s", dead)
+        stop_workers(stream)
+
+
 @atexit.register
 def _stop_live_workers() -> None:
     """At exit, stop the workers of loaders that were never closed: a script that stops iterating early, or an
@@ -516,19 +546,12 @@ class OrderedLoader:
         stream = iter(loader)
         if hasattr(stream, "_workers"):  # worker processes (none with num_workers=0)
             _LIVE.add(stream)
-        told = False
-        try:
+        # workers ignore SIGTERM (see above): they are stopped on every way out, errors included
+        with named_worker_deaths(stream, self.dataset.notes, self.dataset.rank):
             while active:
                 w = self.turn if self.turn in active else active[0]
                 while not pending[w]:
-                    try:
-                        item = next(stream)
-                    except RuntimeError as e:  # torch: "DataLoader worker (pid(s) …) exited unexpectedly"
-                        dead = dead_workers(stream, self.dataset.notes, self.dataset.rank)
-                        if not dead:
-                            raise
-                        told = True
-                        raise DataError(dead) from e
+                    item = next(stream)
                     pending[item.get("worker", item.get(END))].append(item)
                 item = pending[w].popleft()
                 self.faults[w] = item["faults"]
@@ -541,11 +564,6 @@ class OrderedLoader:
                 for sid, idx in item["consumed"]:
                     self.consumed[sid] = self.consumed.get(sid, 0) | 1 << idx
                 yield Batch.from_worker(item)
-        finally:  # workers ignore SIGTERM (see above), so stop them here on every way out, errors included
-            dead = None if told else dead_workers(stream, self.dataset.notes, self.dataset.rank)
-            if dead:  # torch's SIGCHLD handler raised its error wherever the rank was (the loop then closed us)
-                log.error("%s", dead)
-            stop_workers(stream)
         self.next_epoch()
 
     def next_epoch(self) -> None:

@@ -51,7 +51,7 @@ class EvalViews(IterableDataset):
         self.shards = resolve_shards(spec)[rank::world] if spec else []  # '': views() of given samples only
         self.num_frames, self.stride, self.size, self.clips, self.crops = num_frames, stride, size, clips, crops
         self.decoders, self.policy = decoder_order(decoder), policy
-        self.rank, self.notes = rank, WorkerNotes()  # the sample each worker decodes (named if a worker dies)
+        self.notes = WorkerNotes()  # the sample each worker decodes (named if a worker dies)
 
     def views(self, raw: dict) -> torch.Tensor:
         member = next((m for m in MEDIA if m in raw), None)

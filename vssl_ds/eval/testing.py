@@ -8,8 +8,7 @@ from typing import Callable
 import torch
 
 from ..config.schema import Config
-from ..data.pipeline import dead_workers, stop_workers
-from ..data.shards import DataError
+from ..data.pipeline import named_worker_deaths
 from ..data.transforms import normalize
 from ..engine import dist
 from .data import eval_loader
@@ -32,36 +31,23 @@ def view_batches(spec: str, cfg: Config, clips: int, crops: int, device: torch.d
     shards = dataloader.dataset.shards
     total = sum(s.samples for s in shards) if all(s.samples >= 0 for s in shards) else None
     loader = iter(dataloader)
-    told = False
-    try:
-        with tqdm(total=total, desc=progress, unit="video", disable=not progress or dist.rank() != 0) as bar:
-            while True:
-                batch = next(loader, None)
-                if lockstep:
-                    (pending,) = dist.any_true([batch is not None], device)
-                    if not pending:
-                        return
-                    if batch is None:
-                        yield torch.zeros(1, 3, d.num_frames, d.size, d.size, device=device), None, 0, []
-                        continue
-                elif batch is None:
+    with named_worker_deaths(loader, dataloader.dataset.notes, dist.rank(), EVAL_ADVICE), \
+            tqdm(total=total, desc=progress, unit="video", disable=not progress or dist.rank() != 0) as bar:
+        while True:
+            batch = next(loader, None)
+            if lockstep:
+                (pending,) = dist.any_true([batch is not None], device)
+                if not pending:
                     return
-                video = batch["video"]  # [B,V,C,T,H,W] uint8
-                b = video.shape[0]
-                bar.update(b)
-                yield normalize(video.flatten(0, 1).to(device), d.mean, d.std), batch["label"], b, batch["keys"]
-    except RuntimeError as e:  # torch: "DataLoader worker (pid(s) …) exited unexpectedly" (or its SIGCHLD handler)
-        dead = dead_workers(loader, dataloader.dataset.notes, dist.rank(), EVAL_ADVICE)
-        if not dead:
-            raise
-        told = True
-        raise DataError(dead) from e
-    finally:  # torch's SIGCHLD handler may raise in the caller's code: name the sample here then
-        dead = None if told else dead_workers(loader, dataloader.dataset.notes, dist.rank(), EVAL_ADVICE)
-        if dead:
-            log.error("%s", dead)
-        stop_workers(loader)  # now, not when the traceback lets go of it: a dead worker's pid stays registered with
-        # torch until then, and torch's SIGCHLD handler raises about it at any later child's exit
+                if batch is None:
+                    yield torch.zeros(1, 3, d.num_frames, d.size, d.size, device=device), None, 0, []
+                    continue
+            elif batch is None:
+                return
+            video = batch["video"]  # [B,V,C,T,H,W] uint8
+            b = video.shape[0]
+            bar.update(b)
+            yield normalize(video.flatten(0, 1).to(device), d.mean, d.std), batch["label"], b, batch["keys"]
 
 
 @torch.no_grad()

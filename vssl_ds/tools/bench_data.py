@@ -232,8 +232,8 @@ def decoder_ceilings(paths, frames: int, stride: int, seconds: float, which=None
     """Each decoder alone, in this process, on the same clips and the same frame picks (one clip of `frames` at
     `stride` from a random start): delivered frames per CPU-second (process time: the cost per core). The decoders
     take turns clip by clip, so a slow spell of a shared machine weighs on all of them alike, for `seconds` of CPU
-    time each (per setting). `paths` may be {setting: paths} (the same sources encoded several ways, taking turns too) → {setting:
-    {decoder: figures}}; a plain list → {decoder: figures}."""
+    time each (per setting). `paths` may be {setting: paths} (the same sources encoded several ways, taking turns
+    too) → {setting: {decoder: figures}}; a plain list → {decoder: figures}."""
     from ..data import decode as dec
 
     sets = paths if isinstance(paths, dict) else {"": paths}

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from ..cli import HelpFormatter
-from ..data.pipeline import WorkerNotes, dead_workers, stop_workers
+from ..data.pipeline import WORKER_DEATH_ERRORS, WorkerNotes, dead_workers, stop_workers
 from ..data.targets import npy_bytes
 
 log = logging.getLogger(__name__)
@@ -334,7 +334,7 @@ def main(argv=None) -> int:
                         writer.add(b["key"], f, {"source": b["source"], "label": int(b["label"]), "clips": args.clips})
                     shape, count = list(feats.shape[1:]), count + len(good)
                 break
-            except RuntimeError:  # torch, from next(): "DataLoader worker (pid(s) …) exited unexpectedly"
+            except WORKER_DEATH_ERRORS:  # from next(): "DataLoader worker (pid(s) …) exited unexpectedly" and the like
                 dead = dead_workers(batches, data.notes, rank, advice="")
                 culprits = [data.notes.read(w) for w, p in enumerate(getattr(batches, "_workers", ())) if p.exitcode]
                 culprits = [(key, where) for key, where in culprits if key and key not in seen]
