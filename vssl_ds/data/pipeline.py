@@ -83,9 +83,15 @@ RESUME_ADVICE = ("A video that crashes the decoder or needs more memory than a w
                  "--auto-resume (or re-make the shard without it)")
 
 
-def dead_workers(stream, notes: WorkerNotes, rank: int, advice: str = RESUME_ADVICE) -> str:
+def dead_workers(stream, notes: WorkerNotes, rank: int, advice: str = RESUME_ADVICE, wait: float = 0.0) -> str:
     """What died among a DataLoader iterator's workers, on which sample, and what to do; "" while every worker lives
-    (or ended normally)."""
+    (or ended normally). `wait`: seconds to give a worker whose death broke the read (its connection closes a moment
+    before its exit status can be read)."""
+    import time
+
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline and not any(p.exitcode for p in getattr(stream, "_workers", ())):
+        time.sleep(0.05)
     lines = []
     for worker, process in enumerate(getattr(stream, "_workers", ())):
         code = process.exitcode
@@ -450,7 +456,7 @@ def named_worker_deaths(stream, notes: WorkerNotes, rank: int, advice: str = RES
     try:
         yield
     except WORKER_DEATH_ERRORS as e:
-        dead = dead_workers(stream, notes, rank, advice)
+        dead = dead_workers(stream, notes, rank, advice, wait=2.0)
         if not dead:
             raise
         told = True

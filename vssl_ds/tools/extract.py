@@ -335,7 +335,7 @@ def main(argv=None) -> int:
                     shape, count = list(feats.shape[1:]), count + len(good)
                 break
             except WORKER_DEATH_ERRORS:  # from next(): "DataLoader worker (pid(s) …) exited unexpectedly" and the like
-                dead = dead_workers(batches, data.notes, rank, advice="")
+                dead = dead_workers(batches, data.notes, rank, advice="", wait=2.0)
                 culprits = [data.notes.read(w) for w, p in enumerate(getattr(batches, "_workers", ())) if p.exitcode]
                 culprits = [(key, where) for key, where in culprits if key and key not in seen]
                 if not dead or not culprits:
