@@ -1,7 +1,5 @@
 """Entry point for every launch: `python pretrain.py`, `torchrun … pretrain.py`, `deepspeed … pretrain.py`."""
-import sys
-
-from vssl_ds.train import main
+from vssl_ds.train import cli
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

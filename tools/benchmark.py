@@ -1,7 +1,5 @@
 """Shim: see vssl_ds/tools/benchmark.py (also installed as `vssl-benchmark`)."""
-import sys
-
-from vssl_ds.tools.benchmark import main
+from vssl_ds.tools.benchmark import cli
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

@@ -1,7 +1,5 @@
 """Shim: see vssl_ds/tools/cache_teachers.py (also installed as `vssl-cache-teachers`)."""
-import sys
-
-from vssl_ds.tools.cache_teachers import main
+from vssl_ds.tools.cache_teachers import cli
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

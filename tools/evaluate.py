@@ -1,8 +1,6 @@
 """Shim: see vssl_ds/eval/run.py. `python tools/evaluate.py {finetune,linear,attentive,knn} --config … --set …`,
 also under `deepspeed --num_gpus N tools/evaluate.py …` and torchrun (console scripts: vssl-finetune, …)."""
-import sys
-
-from vssl_ds.eval.run import main
+from vssl_ds.eval.run import cli
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

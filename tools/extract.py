@@ -1,7 +1,5 @@
 """Shim: see vssl_ds/tools/extract.py (also installed as `vssl-extract`)."""
-import sys
-
-from vssl_ds.tools.extract import main
+from vssl_ds.tools.extract import cli
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

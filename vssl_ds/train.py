@@ -18,7 +18,7 @@ import torch
 
 from .config import ConfigError, load_config, save_config, to_yaml
 from .config.schema import Config
-from .cli import HelpFormatter
+from .cli import HelpFormatter, console
 from .config.validate import check_environment
 from .data.build import build_loader
 from .data.shards import DataError
@@ -550,3 +550,10 @@ def main(argv=None) -> int:
               f"  tensorboard: tensorboard --logdir {run_dir / 'tb'}\n  checkpoint:  {trainer.ckpt_dir}")
     dist.shutdown()
     return 0
+
+
+# console scripts (pyproject.toml): main() run, then the process ended through engine.dist.leave
+cli = console(main)
+
+if __name__ == "__main__":
+    cli()

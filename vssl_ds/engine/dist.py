@@ -1,7 +1,11 @@
 """Process-group environment and the few collectives the loop needs (torch.distributed only)."""
 from __future__ import annotations
 
+import atexit
 import os
+import sys
+import threading
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -65,11 +69,45 @@ def shutdown() -> None:
     """The end of every multi-rank entry point: wait for all ranks, then tear the process group down
     explicitly. A rank that just exits while a peer still talks to it, or leaves gloo's threads to the
     interpreter's teardown, can die with `terminate called without an active exception` (SIGABRT)."""
-    global _control
+    global _control, _shut_down
     if dist.is_initialized():
         barrier()
         dist.destroy_process_group()
+        _shut_down = True
     _control = None
+
+
+_shut_down = False  # this process had a process group and took it down (shutdown)
+
+
+def leave(code: int | str | None = 0) -> NoReturn:
+    """How a command-line entry point ends its process (the `pretrain.py` / tool shims and console scripts).
+
+    After `shutdown`, gloo's threads are still running: destroy_process_group() drops the groups from torch's
+    registry, but DeepSpeed keeps references to them, so their worker and socket threads live on into the
+    interpreter's teardown, where a C++ thread that still needs the interpreter is ended inside a destructor and
+    the whole process aborts (`terminate called without an active exception`, SIGABRT): a rank whose work was
+    done and written then fails the job (seen in CI on a finished 3-step run). So a process that took its group
+    down leaves the way a finished one should without that teardown: other (non-daemon) threads joined, the
+    exit handlers run (logging flushed, data workers stopped, multiprocessing's children joined), stdout and
+    stderr flushed, then os._exit(code). A process that never had a group exits as usual (sys.exit)."""
+    if not _shut_down:
+        sys.exit(code)
+    if isinstance(code, str):  # as sys.exit does with a message
+        print(code, file=sys.stderr)
+        code = 1
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    try:
+        atexit._run_exitfuncs()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (AttributeError, OSError, ValueError):
+                pass
+        os._exit(code or 0)
 
 
 _control = None  # a gloo group for the loop's flags, when the training backend is not gloo (see any_true)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..cli import HelpFormatter
+from ..cli import HelpFormatter, console
 from ..config import ConfigError, load_config
 from ..config.schema import Config
 from ..engine import dist
@@ -197,5 +197,11 @@ def knn(argv=None) -> int:
     return main(argv, "knn")
 
 
+# console scripts (pyproject.toml): main() run, then the process ended through engine.dist.leave
+cli = console(main)
+finetune_cli = console(finetune)
+linear_probe_cli = console(linear_probe)
+attentive_probe_cli = console(attentive_probe)
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

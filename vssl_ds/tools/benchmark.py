@@ -21,10 +21,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-from ..cli import HelpFormatter
+from ..cli import HelpFormatter, console
 
 
 def parse_args(argv=None):
@@ -131,5 +130,8 @@ def main(argv=None) -> int:
     return 0
 
 
+# console scripts (pyproject.toml): main() run, then the process ended through engine.dist.leave
+cli = console(main)
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

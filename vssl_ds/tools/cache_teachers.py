@@ -34,7 +34,7 @@ from ..data.targets import decode_targets, encode_targets
 from ..data.transforms import apply_view, normalize
 from ..engine import dist
 from ..teachers.cache import MANIFEST, bevt_fingerprint, iboot_fingerprint, mvd_fingerprint
-from ..cli import HelpFormatter
+from ..cli import HelpFormatter, console
 
 JOBS = {"mvd": lambda cfg, device: Teachers(cfg, device), "bevt": lambda cfg, device: Tokenizer(cfg, device),
         "iboot": lambda cfg, device: FrameEmbeddings(cfg, device)}
@@ -352,5 +352,8 @@ def main(argv=None) -> int:
     return 0
 
 
+# console scripts (pyproject.toml): main() run, then the process ended through engine.dist.leave
+cli = console(main)
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

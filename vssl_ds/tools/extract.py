@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..cli import HelpFormatter
+from ..cli import HelpFormatter, console
 from ..data.pipeline import WORKER_DEATH_ERRORS, WorkerNotes, dead_workers, stop_workers
 from ..data.targets import npy_bytes
 
@@ -384,5 +384,8 @@ def _write_manifest(out: Path, shape, args, source: dict, model: dict) -> None:
           f"{len(failures)} skipped: {out / 'failures.jsonl'}")
 
 
+# console scripts (pyproject.toml): main() run, then the process ended through engine.dist.leave
+cli = console(main)
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()
