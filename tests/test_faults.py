@@ -349,4 +349,5 @@ def test_a_finished_rank_exits_with_its_code_although_cpp_threads_still_run(tmp_
         assert marker.read_text() == "exit handlers ran" and runs[how].stdout == "finished", runs[how]
     assert runs["leave"].returncode == 7 and "terminate" not in runs["leave"].stderr, runs["leave"].stderr[-2000:]
     # the hazard the test is about: if this ever exits 7, torch no longer aborts here and `leave` can be revisited
-    assert runs["ordinary"].returncode == -signal.SIGABRT, (runs["ordinary"].returncode, runs["ordinary"].stderr[-2000:])
+    ordinary = runs["ordinary"]
+    assert ordinary.returncode == -signal.SIGABRT, (ordinary.returncode, ordinary.stderr[-2000:])

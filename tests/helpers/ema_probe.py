@@ -48,4 +48,4 @@ def main(stage: int, steps: int = 5, momentum: float = 0.9) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(int(next(a for a in sys.argv[1:] if not a.startswith("--")))))
+    dist.leave(main(int(next(a for a in sys.argv[1:] if not a.startswith("--")))))

@@ -82,4 +82,4 @@ def main(settings: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main([a for a in sys.argv[1:] if not a.startswith("--local_rank")]))
+    dist.leave(main([a for a in sys.argv[1:] if not a.startswith("--local_rank")]))
