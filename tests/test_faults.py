@@ -235,6 +235,43 @@ def test_data_workers_die_with_their_rank(shards, tmp_path):
     assert not alive, [p.pid for p in alive]
 
 
+def test_a_data_worker_killed_under_one_rank_ends_the_job_with_exit_4_naming_it(shards, tmp_path):
+    """SIGKILL (the out-of-memory killer) to one data worker of rank 1 in a 2-rank run: that rank says which worker
+    of which rank died, how, and on which sample, and leaves with exit code 4 (a data error) at once; the launcher
+    stops rank 0. Before, torch's SIGCHLD handler raised its own "DataLoader worker ... is killed" wherever rank 1's
+    main thread was (inside DeepSpeed, here), a traceback and exit code 1; and a DataError made the rank wait in the
+    closing barrier for peers that were waiting in a step's collective."""
+    args = ["--config", "tiny_mae", *overrides(*TINY, f"data.train={shards}", f"run.out_dir={tmp_path}",
+                                                "run.name=r", "run.max_steps=100000", "run.log_every=1",
+                                                "data.num_workers=2", "run.hang_timeout=120")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(_launcher("deepspeed", args), cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "step 3/" in line:
+            break
+    (rank1,) = _targets(proc, "rank_kill")
+    victim = next(c for c in psutil.Process(rank1).children() if "pretrain.py" in " ".join(c.cmdline()))
+    os.kill(victim.pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    try:
+        rest, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            child.kill()
+        proc.kill()
+        rest, _ = proc.communicate()
+        pytest.fail("the job did not end within 120 s of the worker's death:\n" + rest[-4000:])
+    out = "".join(seen) + rest
+    assert f"data worker 0 (pid {victim.pid}) of rank 1 died, killed by SIGKILL" in out or \
+        f"data worker 1 (pid {victim.pid}) of rank 1 died, killed by SIGKILL" in out, out[-4000:]
+    assert "data error:" in out and "exits with return code = 4" in out, out[-4000:]
+    assert "DataLoader worker" not in out, out[-4000:]  # torch's own message: raised somewhere, not ours
+    assert time.monotonic() - t0 < 60
+
+
 @pytest.mark.slow
 def test_resume_under_other_settings_names_what_differs(shards, tmp_path):
     """The README's trap: a ZeRO-3 run pointed at a ZeRO-1 run's folder. Not DeepSpeed's `Empty ds_version in
@@ -311,6 +348,7 @@ def test_stopping_a_loader_kills_a_worker_stuck_mid_batch():
 
 ENDS_UNDER_A_BUSY_THREAD = """
 import atexit, sys, threading, time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 import torch
 import torch.distributed
@@ -325,6 +363,8 @@ def busy():  # stands for gloo's threads, which outlive destroy_process_group wh
         torch.mm(a, a)
 
 threading.Thread(target=busy, daemon=True).start()
+pool = ThreadPoolExecutor(1)  # an executor left open: its idle thread ends only through the interpreter's exit hooks
+pool.submit(int).result()
 atexit.register(lambda: Path(sys.argv[1]).write_text("exit handlers ran"))
 time.sleep(0.3)
 print("finished", end="")  # unflushed when the process ends
@@ -345,7 +385,7 @@ def test_a_finished_rank_exits_with_its_code_although_cpp_threads_still_run(tmp_
     for how in ("leave", "ordinary"):
         marker = tmp_path / f"{how}.txt"
         runs[how] = subprocess.run([sys.executable, str(script), str(marker), how], env=env, capture_output=True,
-                                   text=True, timeout=120)
+                                   text=True, timeout=60)
         assert marker.read_text() == "exit handlers ran" and runs[how].stdout == "finished", runs[how]
     assert runs["leave"].returncode == 7 and "terminate" not in runs["leave"].stderr, runs["leave"].stderr[-2000:]
     # the hazard the test is about: if this ever exits 7, torch no longer aborts here and `leave` can be revisited

@@ -536,7 +536,7 @@ def main(argv=None) -> int:
         return 3
     except DataError as e:  # every rank meets the same data (listing, or an epoch without a batch): stop cleanly
         log.error("data error: %s", e)
-        dist.shutdown()
+        dist.abandon() if e.local else dist.shutdown()  # local: a data worker died under this rank alone
         return 4
     except CheckpointError as e:  # disk full: every rank saw the space check (all-reduced); nothing half-written
         log.error("%s", e)

@@ -24,6 +24,7 @@ import multiprocessing.util  # noqa: F401  (its exit handler is registered now, 
 import os
 import signal
 import sys
+import threading
 import weakref
 import zlib
 from collections import Counter, deque
@@ -453,6 +454,10 @@ def named_worker_deaths(stream, notes: WorkerNotes, rank: int, advice: str = RES
     The workers are stopped on every way out (`stop_workers`): a dead worker's pid stays registered with torch until
     its iterator shuts down, and torch's SIGCHLD handler would raise about it at any later child's exit."""
     told = False
+    # torch's SIGCHLD handler raises its "worker exited unexpectedly" wherever the main thread is at that moment
+    # (in a step, in a collective, in the user's code), where this context never sees it; without the handler torch
+    # finds the dead worker in next() (within 5 s), here
+    sigchld = _quiet_sigchld(stream)
     try:
         yield
     except WORKER_DEATH_ERRORS as e:
@@ -460,12 +465,26 @@ def named_worker_deaths(stream, notes: WorkerNotes, rank: int, advice: str = RES
         if not dead:
             raise
         told = True
-        raise DataError(dead) from e
+        raise DataError(dead, local=True) from e
     finally:
         dead = "" if told else dead_workers(stream, notes, rank, advice)
         if dead:
             log.error("%s", dead)
         stop_workers(stream)
+        if sigchld is not None and signal.getsignal(signal.SIGCHLD) == signal.SIG_DFL:
+            signal.signal(signal.SIGCHLD, sigchld)
+
+
+def _quiet_sigchld(stream):
+    """Set SIGCHLD to its default while `stream`'s workers run (main thread only) → the handler to put back, or
+    None when nothing was changed."""
+    if not getattr(stream, "_workers", None) or threading.current_thread() is not threading.main_thread():
+        return None
+    previous = signal.getsignal(signal.SIGCHLD)
+    if not callable(previous):  # default already, or SIG_IGN (children reaped unseen: left as the caller set it)
+        return None
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    return previous
 
 
 @atexit.register

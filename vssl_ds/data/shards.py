@@ -10,7 +10,14 @@ import numpy as np
 
 
 class DataError(ValueError):
-    """Training data that cannot be read or cannot fill a batch: the run stops with this message."""
+    """Training data that cannot be read or cannot fill a batch: the run stops with this message.
+
+    `local`: met by this rank alone (one of its data workers died) while the other ranks are in the middle of a
+    step: this rank leaves without the closing barrier (`engine.dist.abandon`) and the launcher stops the rest."""
+
+    def __init__(self, message: str, local: bool = False):
+        super().__init__(message)
+        self.local = local
 
 
 @dataclass(frozen=True)

@@ -77,7 +77,17 @@ def shutdown() -> None:
     _control = None
 
 
-_shut_down = False  # this process had a process group and took it down (shutdown)
+def abandon() -> None:
+    """The end of a rank that stops alone (a local fault, e.g. a data worker that died under it) while its peers are
+    in the middle of a step: no barrier and no destroy_process_group (both would wait for ranks that are waiting in a
+    collective themselves, until the hang timeout); `leave` then ends the process at once, and the launcher (deepspeed,
+    torchrun, `srun --kill-on-bad-exit`) stops the other ranks when it sees the exit code."""
+    global _shut_down
+    if dist.is_initialized():
+        _shut_down = True
+
+
+_shut_down = False  # this process had a process group and took it down (shutdown) or gave it up (abandon)
 
 
 def leave(code: int | str | None = 0) -> NoReturn:
@@ -88,7 +98,7 @@ def leave(code: int | str | None = 0) -> NoReturn:
     interpreter's teardown, where a C++ thread that still needs the interpreter is ended inside a destructor and
     the whole process aborts (`terminate called without an active exception`, SIGABRT): a rank whose work was
     done and written then fails the job (seen in CI on a finished 3-step run). So a process that took its group
-    down leaves the way a finished one should without that teardown: other (non-daemon) threads joined, the
+    down leaves the way a finished one should without that teardown: its other threads finished as at exit, the
     exit handlers run (logging flushed, data workers stopped, multiprocessing's children joined), stdout and
     stderr flushed, then os._exit(code). A process that never had a group exits as usual (sys.exit)."""
     if not _shut_down:
@@ -96,9 +106,7 @@ def leave(code: int | str | None = 0) -> NoReturn:
     if isinstance(code, str):  # as sys.exit does with a message
         print(code, file=sys.stderr)
         code = 1
-    for thread in threading.enumerate():
-        if thread is not threading.current_thread() and not thread.daemon:
-            thread.join()
+    threading._shutdown()  # what the interpreter's exit does first: thread-exit hooks (executors), then joins
     try:
         atexit._run_exitfuncs()
     finally:

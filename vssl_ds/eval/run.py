@@ -22,6 +22,7 @@ import torch
 from ..cli import HelpFormatter, console
 from ..config import ConfigError, load_config
 from ..config.schema import Config
+from ..data.shards import DataError
 from ..engine import dist
 from ..logging import Scalars, wandb_settings
 from .metrics import TopK
@@ -174,6 +175,12 @@ def main(argv=None, mode: str | None = None) -> int:
         log.error("%s", e)
         dist.shutdown()
         return 3
+    except DataError as e:
+        if not e.local:
+            raise
+        log.error("data error: %s", e)  # a data worker died under this rank alone: leave, the launcher stops the rest
+        dist.abandon()
+        return 4
     if results and dist.rank() == 0:
         print(f"\n{args.mode}: top-1 {results['top1']:.2f} %  top-5 {results['top5']:.2f} %  on {results['videos']} "
               f"videos\n  results: {run_dir / 'results.json'}\n  tensorboard: tensorboard --logdir {run_dir / 'tb'}")
