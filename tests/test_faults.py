@@ -239,8 +239,8 @@ def test_a_data_worker_killed_under_one_rank_ends_the_job_with_exit_4_naming_it(
     """SIGKILL (the out-of-memory killer) to one data worker of rank 1 in a 2-rank run: that rank says which worker
     of which rank died, how, and on which sample, and leaves with exit code 4 (a data error) at once; the launcher
     stops rank 0. Before, torch's SIGCHLD handler raised its own "DataLoader worker ... is killed" wherever rank 1's
-    main thread was (inside DeepSpeed, here), a traceback and exit code 1; and a DataError made the rank wait in the
-    closing barrier for peers that were waiting in a step's collective."""
+    main thread was (inside DeepSpeed, here), a traceback and exit code 1; and a DataError took the rank into the
+    closing barrier, which is meant for ranks that all stop at the same point."""
     args = ["--config", "tiny_mae", *overrides(*TINY, f"data.train={shards}", f"run.out_dir={tmp_path}",
                                                 "run.name=r", "run.max_steps=100000", "run.log_every=1",
                                                 "data.num_workers=2", "run.hang_timeout=120")]
