@@ -36,7 +36,10 @@ def test_data_benchmark_prints_both_pipelines_and_their_ratio(tmp_path, capsys):
     assert {"vssl_ds/decord/R=1", "vssl_ds/decord/R=2", "vssl_ds/pyav/R=1"} <= set(d)
     assert d["ratio"] > 0 and d["vssl_ds"] == d["vssl_ds/decord/R=1"]
     for row in (d["vssl_ds/decord/R=2"], d["videomae_style"]):  # the worker's CPU time is counted, not only the rank's
-        assert row["clips_per_s"] > 0 and 0.5 < row["cpu_seconds"] / row["seconds"] < 2.5
+        # (the rank's own share is ~1/8 of the tree's: it only waits and hands batches on; a ratio to the wall time
+        # would fail whenever the VM lends the tree less than half a core)
+        assert row["clips_per_s"] > 0 and row["cpu_seconds"] > 2 * row["rank_cpu_seconds"], row
+        assert row["cpu_seconds"] / row["seconds"] < 2.5, row
     cores = d["cores_per_gpu"]["videomae_style"]  # 0.4 x 989 TFLOP/s / FLOPs per clip / clips per CPU-second
     assert cores["ViT-B"] == pytest.approx(0.4 * 989e12 / 217e9 / d["videomae_style"]["clips_per_cpu_s"], rel=0.01)
     assert d["decoders"]["pyav"]["decoded_per_delivered"] >= 1.0

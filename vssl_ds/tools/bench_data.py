@@ -51,18 +51,20 @@ class VideoMAEStyle(torch.utils.data.Dataset):
         return video, torch.from_numpy(np.tile(spatial, t))
 
 
-def _tree_cpu_seconds() -> float:
-    """User + system CPU seconds of this process and every live descendant (the data workers)."""
+def _tree_cpu_seconds() -> tuple[float, float]:
+    """User + system CPU seconds of this process and every live descendant (the data workers) → (tree, this
+    process alone)."""
     import psutil
 
     me = psutil.Process()
-    total = sum(me.cpu_times()[:2])
+    own = sum(me.cpu_times()[:2])
+    total = own
     for child in me.children(recursive=True):
         try:
             total += sum(child.cpu_times()[:2])
         except psutil.Error:  # exited meanwhile
             pass
-    return total
+    return total, own
 
 
 def _measure(batches, warmup: int, seconds: float, batch: int, what: str = "measuring") -> dict:
@@ -72,7 +74,7 @@ def _measure(batches, warmup: int, seconds: float, batch: int, what: str = "meas
     it = iter(batches)
     for _ in tqdm(range(warmup), desc=f"{what}: warm-up", unit="batch", leave=False):
         next(it)
-    n, cpu0, t0 = 0, _tree_cpu_seconds(), time.perf_counter()
+    n, (cpu0, own0), t0 = 0, _tree_cpu_seconds(), time.perf_counter()
     with tqdm(total=round(seconds), desc=what, unit="s", leave=False,
               bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s {postfix}") as bar:
         while (now := time.perf_counter() - t0) < seconds:
@@ -80,11 +82,12 @@ def _measure(batches, warmup: int, seconds: float, batch: int, what: str = "meas
             n += batch
             bar.update(min(now, seconds) - bar.n)
             bar.set_postfix_str(f"{n / max(now, 1e-9):.1f} clips/s", refresh=False)
-    dt, cpu = time.perf_counter() - t0, _tree_cpu_seconds() - cpu0
+    dt, (cpu, own) = time.perf_counter() - t0, _tree_cpu_seconds()
+    cpu, own = cpu - cpu0, own - own0
     if hasattr(it, "close"):
         it.close()
-    return {"clips": n, "seconds": round(dt, 2), "cpu_seconds": round(cpu, 2), "clips_per_s": round(n / dt, 2),
-            "clips_per_cpu_s": round(n / max(cpu, 1e-9), 2)}
+    return {"clips": n, "seconds": round(dt, 2), "cpu_seconds": round(cpu, 2), "rank_cpu_seconds": round(own, 2),
+            "clips_per_s": round(n / dt, 2), "clips_per_cpu_s": round(n / max(cpu, 1e-9), 2)}
 
 
 # What one GPU consumes: training FLOPs per clip of MAE pretraining (forward + backward, decoder included, 16x224²,
