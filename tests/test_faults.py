@@ -354,8 +354,11 @@ import torch
 import torch.distributed
 from vssl_ds.engine import dist
 
+from vssl_ds.cli import console
+
 torch.distributed.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
-dist.shutdown()
+if not sys.argv[2].startswith("raise"):
+    dist.shutdown()
 a = torch.randn(1000, 1000)
 
 def busy():  # stands for gloo's threads, which outlive destroy_process_group while DeepSpeed holds the groups
@@ -368,6 +371,14 @@ pool.submit(int).result()
 atexit.register(lambda: Path(sys.argv[1]).write_text("exit handlers ran"))
 time.sleep(0.3)
 print("finished", end="")  # unflushed when the process ends
+
+def main():  # an error that escapes a command while its process group is up
+    raise RuntimeError("something unexpected in the rank")
+
+if sys.argv[2] == "raise":
+    console(main)()
+elif sys.argv[2] == "raise_ordinary":
+    main()
 dist.leave(7) if sys.argv[2] == "leave" else sys.exit(7)
 """
 
@@ -390,4 +401,24 @@ def test_a_finished_rank_exits_with_its_code_although_cpp_threads_still_run(tmp_
     assert runs["leave"].returncode == 7 and "terminate" not in runs["leave"].stderr, runs["leave"].stderr[-2000:]
     # the hazard the test is about: if this ever exits 7, torch no longer aborts here and `leave` can be revisited
     ordinary = runs["ordinary"]
+    assert ordinary.returncode == -signal.SIGABRT, (ordinary.returncode, ordinary.stderr[-2000:])
+
+
+def test_an_error_escaping_a_rank_is_printed_and_exits_1_not_an_abort(tmp_path):
+    """An unexpected error that leaves a command's main() while the process group is up: its traceback as Python
+    prints it, the exit handlers, exit code 1 (through `cli.console`), where the ordinary ending of the same script
+    aborts in the teardown (SIGABRT after the traceback) and a launcher or SLURM reports a crash, not the error."""
+    script = tmp_path / "ends.py"
+    script.write_text(ENDS_UNDER_A_BUSY_THREAD)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    runs = {}
+    for how in ("raise", "raise_ordinary"):
+        marker = tmp_path / f"{how}.txt"
+        runs[how] = subprocess.run([sys.executable, str(script), str(marker), how], env=env, capture_output=True,
+                                   text=True, timeout=60)
+        assert "RuntimeError: something unexpected in the rank" in runs[how].stderr, runs[how].stderr[-2000:]
+        assert marker.read_text() == "exit handlers ran" and runs[how].stdout == "finished", runs[how]
+    assert runs["raise"].returncode == 1 and "terminate" not in runs["raise"].stderr, runs["raise"].stderr[-2000:]
+    assert "Traceback (most recent call last)" in runs["raise"].stderr
+    ordinary = runs["raise_ordinary"]
     assert ordinary.returncode == -signal.SIGABRT, (ordinary.returncode, ordinary.stderr[-2000:])
