@@ -386,21 +386,25 @@ dist.leave(7) if sys.argv[2] == "leave" else sys.exit(7)
 """
 
 
+def _end_under_a_busy_thread(tmp_path, how: str) -> subprocess.CompletedProcess:
+    """ENDS_UNDER_A_BUSY_THREAD ended `how`; its exit handlers ran and its unflushed output came out."""
+    script = tmp_path / "ends.py"
+    script.write_text(ENDS_UNDER_A_BUSY_THREAD)
+    marker = tmp_path / f"{how}.txt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, str(script), str(marker), how], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert marker.read_text() == "exit handlers ran" and run.stdout == "finished", run
+    return run
+
+
 def test_a_finished_rank_exits_with_its_code_although_cpp_threads_still_run(tmp_path):
     """A rank ends through `dist.leave` (the entry points' shims and console scripts): a thread still inside torch's
     C++ code when the interpreter tears down aborts the process with `terminate called without an active exception`
     (the ordinary exit below shows it). gloo's threads are such threads once DeepSpeed holds the groups past
     destroy_process_group; a 2-rank README run in CI finished its work and failed on it. `leave` runs the exit
     handlers, flushes the output and skips the teardown: the code the rank returned, nothing lost."""
-    script = tmp_path / "ends.py"
-    script.write_text(ENDS_UNDER_A_BUSY_THREAD)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    runs = {}
-    for how in ("leave", "ordinary"):
-        marker = tmp_path / f"{how}.txt"
-        runs[how] = subprocess.run([sys.executable, str(script), str(marker), how], env=env, capture_output=True,
-                                   text=True, timeout=60)
-        assert marker.read_text() == "exit handlers ran" and runs[how].stdout == "finished", runs[how]
+    runs = {how: _end_under_a_busy_thread(tmp_path, how) for how in ("leave", "ordinary")}
     assert runs["leave"].returncode == 7 and "terminate" not in runs["leave"].stderr, runs["leave"].stderr[-2000:]
     # the hazard the test is about: if this ever exits 7, torch no longer aborts here and `leave` can be revisited
     ordinary = runs["ordinary"]
@@ -411,16 +415,9 @@ def test_an_error_escaping_a_rank_is_printed_and_exits_1_not_an_abort(tmp_path):
     """An unexpected error that leaves a command's main() while the process group is up: its traceback as Python
     prints it, the exit handlers, exit code 1 (through `cli.console`), where the ordinary ending of the same script
     aborts in the teardown (SIGABRT after the traceback) and a launcher or SLURM reports a crash, not the error."""
-    script = tmp_path / "ends.py"
-    script.write_text(ENDS_UNDER_A_BUSY_THREAD)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    runs = {}
-    for how in ("raise", "raise_ordinary"):
-        marker = tmp_path / f"{how}.txt"
-        runs[how] = subprocess.run([sys.executable, str(script), str(marker), how], env=env, capture_output=True,
-                                   text=True, timeout=60)
-        assert "RuntimeError: something unexpected in the rank" in runs[how].stderr, runs[how].stderr[-2000:]
-        assert marker.read_text() == "exit handlers ran" and runs[how].stdout == "finished", runs[how]
+    runs = {how: _end_under_a_busy_thread(tmp_path, how) for how in ("raise", "raise_ordinary")}
+    for run in runs.values():
+        assert "RuntimeError: something unexpected in the rank" in run.stderr, run.stderr[-2000:]
     assert runs["raise"].returncode == 1 and "terminate" not in runs["raise"].stderr, runs["raise"].stderr[-2000:]
     assert "Traceback (most recent call last)" in runs["raise"].stderr
     ordinary = runs["raise_ordinary"]
